@@ -1,0 +1,1 @@
+"""Helpers for the memory-efficient LLM course: models, data, measurement, prediction, checks."""

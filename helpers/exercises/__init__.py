@@ -1,0 +1,3 @@
+"""Every lesson's exercise checks, registered with ``helpers.checks.exercise`` on import."""
+
+from . import lesson00  # noqa: F401

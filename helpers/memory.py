@@ -1,0 +1,319 @@
+"""Measure the memory of a block of code: exact tensor bytes by category, at the peak.
+
+    report = measure(train_step, model=model, optimizer=optimizer)
+    report.peak, report.weights, report.activations, report.seconds
+
+How it works. A ``TorchDispatchMode`` sees every tensor that every operator creates (forward,
+backward and optimizer step alike). Each new storage is counted when it appears and uncounted when
+Python frees it (a weak reference on the storage), so the running total is the exact number of
+tensor bytes alive, and the peak is its maximum. Storages are put in a category by *identity*, not
+by heuristics: the model's parameters, buffers and quantization constants are **weights**; the
+``.grad`` of a parameter is a **gradient** (marked by a post-accumulate-grad hook, which is only
+registered on trainable parameters, so frozen and quantized models work); tensors in
+``optimizer.state`` are **optimizer state**; everything else is **activations and temporaries**.
+
+What it does not see: memory an operator allocates and frees inside its own C++ kernel (workspace
+buffers) and memory outside tensors (the Python interpreter, CUDA context, allocator caching). On CUDA
+the report therefore also carries ``torch.cuda.max_memory_allocated`` and ``memory_reserved``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+LABELS = {
+    "weights": "weights",
+    "gradients": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations and temporaries",
+}
+MiB = 2**20
+
+
+@dataclass
+class MemoryReport:
+    """Peak tensor bytes by category (at the moment of the peak) and the wall time of the block."""
+
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    before: int = 0  # live tracked bytes when the block started
+    after: int = 0  # live tracked bytes when it ended
+    cuda_max_allocated: int | None = None
+    cuda_reserved: int | None = None
+    result: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    total = peak
+
+    def as_dict(self) -> dict[str, int]:
+        return {c: getattr(self, c) for c in CATEGORIES}
+
+    def mib(self) -> dict[str, float]:
+        out = {LABELS[c]: getattr(self, c) / MiB for c in CATEGORIES}
+        out["peak"] = self.peak / MiB
+        return out
+
+    def largest(self) -> str:
+        return max(CATEGORIES, key=lambda c: getattr(self, c))
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{LABELS[c]} {getattr(self, c) / MiB:,.1f}" for c in CATEGORIES)
+        text = f"peak {self.peak / MiB:,.1f} MiB ({parts}) in {self.seconds:.2f} s on {self.device}"
+        if self.cuda_max_allocated is not None:
+            text += (f"; CUDA max_memory_allocated {self.cuda_max_allocated / MiB:,.1f} MiB, "
+                     f"reserved {self.cuda_reserved / MiB:,.1f} MiB")
+        return text
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{LABELS[c]}</td><td style='text-align:right'>{getattr(self, c) / MiB:,.1f}</td></tr>"
+            for c in CATEGORIES)
+        return (f"<table><tr><th>category</th><th>MiB at peak</th></tr>{rows}"
+                f"<tr><td><b>peak</b></td><td style='text-align:right'><b>{self.peak / MiB:,.1f}</b>"
+                f"</td></tr></table><small>{self.seconds:.2f} s on {self.device}</small>")
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, meta-like or functional wrappers
+        return None, None
+    if st.device.type == "meta":
+        return None, None
+    return st._cdata, st
+
+
+def _tensors_in(obj):
+    """Yield every tensor inside nested containers, dataclass-like objects and bitsandbytes states."""
+    seen = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+        elif hasattr(x, "__dict__") and type(x).__module__.startswith("bitsandbytes"):
+            stack.extend(vars(x).values())  # QuantState (absmax, code, nested state2), MatmulLtState
+
+
+def weight_tensors(model: torch.nn.Module):
+    """Parameters, buffers and the quantization constants bitsandbytes keeps beside its weights."""
+    for p in model.parameters():
+        yield p
+        for attr in ("quant_state", "SCB", "CB"):  # Params4bit / Int8Params side tensors
+            extra = getattr(p, attr, None)
+            if extra is not None:
+                yield from _tensors_in(extra)
+    yield from model.buffers()
+    for module in model.modules():
+        state = getattr(module, "state", None)  # bnb Linear8bitLt keeps a MatmulLtState
+        if state is not None and type(state).__module__.startswith("bitsandbytes"):
+            yield from _tensors_in(state)
+
+
+class _Tracker(TorchDispatchMode):
+    """Logs every storage's birth and death on one device type; the peak is found afterwards.
+
+    Each allocation gets its own record ``[nbytes, category, born, died]`` (event numbers). The
+    category is the last one the storage was given, so a temporary later adopted as a ``.grad`` or
+    as optimizer state is filed there, also for the moments before it was adopted.
+    """
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+        self.records: list[list] = []
+        self.live: dict[int, int] = {}  # storage key -> record index
+        self.refs: dict[int, weakref.ref] = {}
+        self.clock = 0
+
+    def add(self, t: torch.Tensor, category: str | None = None) -> None:
+        key, st = _storage_key(t)
+        if key is None or st.device.type != self.device_type:
+            return
+        idx = self.live.get(key)
+        nbytes = st.nbytes()
+        if idx is not None and nbytes != self.records[idx][0]:  # resized in place
+            self._free(key, keep_ref=True)
+            idx = None
+        if idx is None:
+            self.clock += 1
+            idx = len(self.records)
+            self.records.append([nbytes, category or "activations", self.clock, None])
+            self.live[key] = idx
+            if key not in self.refs:
+                self.refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
+        elif category is not None:
+            self.records[idx][1] = category
+
+    def mark(self, tensors, category: str) -> None:
+        for t in tensors:
+            self.add(t, category)
+
+    def _free(self, key: int, keep_ref: bool = False) -> None:
+        idx = self.live.pop(key, None)
+        if not keep_ref:
+            self.refs.pop(key, None)
+        if idx is not None:
+            self.clock += 1
+            self.records[idx][3] = self.clock
+
+    def current(self) -> int:
+        return sum(self.records[i][0] for i in self.live.values())
+
+    def peak_breakdown(self) -> dict[str, int]:
+        """Replay births and deaths; return the breakdown at the largest total."""
+        events = []
+        for i, (nbytes, _cat, born, died) in enumerate(self.records):
+            events.append((born, nbytes, i))
+            if died is not None:
+                events.append((died, -nbytes, i))
+        events.sort()
+        total, best, best_clock = 0, -1, 0
+        for clock, delta, _i in events:
+            total += delta
+            if total > best:
+                best, best_clock = total, clock
+        out = dict.fromkeys(CATEGORIES, 0)
+        for nbytes, cat, born, died in self.records:
+            if born <= best_clock and (died is None or died > best_clock):
+                out[cat] += nbytes
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+def _device_of(model, optimizer) -> torch.device:
+    if model is not None:
+        for p in model.parameters():
+            return p.device
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                return p.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Meter:
+    """The context-manager form: ``with Meter(model, optimizer) as m: ...``; then ``m.report``."""
+
+    def __init__(self, model=None, optimizer=None, device=None):
+        self.model, self.optimizer = model, optimizer
+        self.device = torch.device(device) if device is not None else _device_of(model, optimizer)
+        self.report: MemoryReport | None = None
+
+    def _classify(self, tracker: _Tracker) -> None:
+        if self.model is not None:
+            tracker.mark(weight_tensors(self.model), "weights")
+            tracker.mark((p.grad for p in self.model.parameters() if p.grad is not None), "gradients")
+        if self.optimizer is not None:
+            tracker.mark(_tensors_in(list(self.optimizer.state.values())), "optimizer")
+
+    def __enter__(self):
+        self.tracker = _Tracker(self.device.type)
+        self._classify(self.tracker)
+        self.before = self.tracker.current()
+        self._handles = []
+        if self.model is not None:
+            for p in self.model.parameters():
+                if p.requires_grad:  # hooks on frozen parameters are not allowed (and not needed)
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_step))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tracker.__enter__()
+        self._t0 = time.perf_counter()
+        return self
+
+    def _on_grad(self, p):
+        self.tracker.add(p.grad, "gradients")
+
+    def _on_step(self, optimizer, *_):
+        self.tracker.mark(_tensors_in(list(optimizer.state.values())), "optimizer")
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self._t0
+        self.tracker.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._classify(self.tracker)
+        self.seconds = seconds
+        self.finish()
+        return False
+
+    def finish(self, result=None) -> MemoryReport:
+        """Resolve the peak (after the block, so that late identities count) into a report."""
+        if isinstance(result, torch.nn.Module) and self.model is None:
+            self.tracker.mark(weight_tensors(result), "weights")  # a model built inside the block
+        t = self.tracker
+        self.report = MemoryReport(**t.peak_breakdown(), seconds=self.seconds,
+                                   device=str(self.device), before=self.before, after=t.current(),
+                                   result=result)
+        if self.device.type == "cuda":
+            self.report.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device)
+            self.report.cuda_reserved = torch.cuda.memory_reserved(self.device)
+        return self.report
+
+
+def measure(fn, model=None, optimizer=None, device=None) -> MemoryReport:
+    """Run ``fn()`` once and return its peak memory by category and its wall time.
+
+    Pass the ``model`` and ``optimizer`` the block uses so their tensors are filed as weights,
+    gradients and optimizer state. If ``fn`` returns a model (``measure(lambda: load_model())``), its
+    tensors are filed as weights. The return value of ``fn`` is kept in ``report.result``.
+    Wall time includes the meter's own bookkeeping; use ``time_it`` for timings you compare.
+    """
+    meter = Meter(model, optimizer, device)
+    with meter:
+        result = fn()
+    return meter.finish(result) if isinstance(result, torch.nn.Module) else _with_result(meter, result)
+
+
+def time_it(fn, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median and spread of ``fn()``'s wall time after ``warmup`` untimed calls (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median": times[len(times) // 2], "min": times[0], "max": times[-1], "repeats": repeats}
+
+
+def _with_result(meter: Meter, result) -> MemoryReport:
+    meter.report.result = result
+    return meter.report

@@ -1,0 +1,246 @@
+"""Student notebooks are generated from the solution notebooks: one source of truth per lesson.
+
+    python -m helpers.notebooks build              # regenerate notebooks/NN_*.ipynb from solutions/
+    python -m helpers.notebooks check              # exit 1 if anything drifts (tests and CI)
+    python -m helpers.notebooks execute [03 ...]   # re-run solutions in place (outputs kept), then build
+
+A solution notebook is the finished lesson with its outputs. Solution code sits between a line
+``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` (the nbgrader convention); markdown answers sit
+between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION -->``. The student version replaces each
+region and clears every output. The first code cell of every notebook is the course set-up cell,
+``SETUP_CELL`` in helpers/colab.py, stamped in here so no lesson can drift from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+
+from helpers.colab import SETUP_CELL
+
+ROOT = Path(__file__).resolve().parents[1]
+PATTERN = "[0-9][0-9]_*.ipynb"  # lessons only: scratch notebooks next to them are left alone
+CODE_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
+MARKDOWN_MARKERS = ("<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->")
+CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
+MARKDOWN_STUB = ("*Your answer here.*",)
+# Execution timestamps and collapsed state say nothing about the lesson and would make every
+# regenerated student notebook differ from the last one.
+VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed")
+SETUP_CELL_ID = "course-setup"  # fixed, so that inserting the set-up cell is deterministic
+HINT = "run: python -m helpers.notebooks build"
+
+
+def _markers(cell) -> tuple[str, str] | None:
+    return {"code": CODE_MARKERS, "markdown": MARKDOWN_MARKERS}.get(cell.cell_type)
+
+
+def _regions(cell, where: str) -> list[tuple[int, int]]:
+    """(begin_line, end_line) of each solution region in a cell; ValueError if markers don't pair up."""
+    markers = _markers(cell)
+    if markers is None:
+        return []
+    begin, end = markers
+    regions, start = [], None
+    # startswith, not ==: a marker with trailing text must still count, or the solution would leak.
+    for i, line in enumerate(cell.source.split("\n")):
+        mark = line.strip()
+        if mark.startswith(begin):
+            if start is not None:
+                raise ValueError(f"{where}: nested '{begin}' on line {i + 1} "
+                                 f"(the region opened on line {start + 1} is not closed)")
+            start = i
+        elif mark.startswith(end):
+            if start is None:
+                raise ValueError(f"{where}: '{end}' on line {i + 1} has no '{begin}' before it")
+            regions.append((start, i))
+            start = None
+    if start is not None:
+        raise ValueError(f"{where}: '{begin}' on line {start + 1} has no matching '{end}'")
+    return regions
+
+
+def _where(name: str, index: int, cell) -> str:
+    return f"{name}, cell {index} (id {cell.get('id', '?')}, {cell.cell_type})"
+
+
+def solution_regions(nb, name: str = "notebook") -> list[tuple[int, str]]:
+    """(cell_index, text between the markers) for every solution region, code and markdown alike."""
+    found = []
+    for index, cell in enumerate(nb.cells):
+        lines = cell.source.split("\n")
+        for begin, end in _regions(cell, _where(name, index, cell)):
+            found.append((index, "\n".join(lines[begin + 1:end])))
+    return found
+
+
+def exercise_cells(nb, name: str = "notebook") -> list[int]:
+    """Indices of the code cells that contain a solution region (the exercises students fill in)."""
+    return sorted({index for index, _ in solution_regions(nb, name) if nb.cells[index].cell_type == "code"})
+
+
+def _is_setup_or_placeholder(source: str) -> bool:
+    lines = [line.strip() for line in source.split("\n")]
+    return "helpers.colab" in source or all(not line or line.startswith("#") for line in lines)
+
+
+def stamp_setup_cell(nb, name: str = "notebook") -> bool:
+    """Make the first code cell the course set-up cell, in place; True if anything changed.
+
+    The first code cell is replaced only if it is a set-up cell (an outdated one, using helpers.colab)
+    or a placeholder (nothing but comments); otherwise a set-up cell is inserted before it, so lesson
+    code is never overwritten.
+    """
+    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    if code and nb.cells[code[0]].source == SETUP_CELL:
+        return False
+    if code and _is_setup_or_placeholder(nb.cells[code[0]].source):
+        if _regions(nb.cells[code[0]], _where(name, code[0], nb.cells[code[0]])):
+            raise ValueError(f"{name}: the set-up cell (cell {code[0]}) must not contain a solution region")
+        nb.cells[code[0]].source = SETUP_CELL
+        return True
+    cell = nbformat.v4.new_code_cell(SETUP_CELL)
+    if nb.get("nbformat_minor", 0) >= 5:
+        cell.id = SETUP_CELL_ID
+    else:  # notebooks before format 4.5 have no cell ids
+        cell.pop("id", None)
+    nb.cells.insert(code[0] if code else len(nb.cells), cell)
+    return True
+
+
+def _replace_regions(cell, where: str) -> str:
+    lines = cell.source.split("\n")
+    stub = CODE_STUB if cell.cell_type == "code" else MARKDOWN_STUB
+    # Back to front, so the line numbers of earlier regions stay valid.
+    for begin, end in reversed(_regions(cell, where)):
+        indent = lines[begin][:len(lines[begin]) - len(lines[begin].lstrip())]
+        lines[begin:end + 1] = [indent + line for line in stub]
+    return "\n".join(lines)
+
+
+def student_version(nb, name: str = "notebook"):
+    """The student notebook for a solution notebook (pure: ``nb`` is not modified)."""
+    nb = copy.deepcopy(nb)
+    stamp_setup_cell(nb, name)
+    # Widget state is output too (saved by the executing kernel) and would show answers.
+    nb.metadata.pop("widgets", None)
+    for index, cell in enumerate(nb.cells):
+        cell.source = _replace_regions(cell, _where(name, index, cell))
+        for key in VOLATILE_CELL_METADATA:
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    return nb
+
+
+def _render(nb) -> str:
+    """Exactly the text nbformat.write puts in a file, so drift can be checked without writing."""
+    text = nbformat.writes(nb, version=4)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+def build(solutions_dir="solutions", notebooks_dir="notebooks", check: bool = False) -> list[str]:
+    """Regenerate notebooks_dir/NN_*.ipynb from solutions_dir/NN_*.ipynb; return the files that changed.
+
+    With check=True nothing is written and the files that *would* change are returned, including
+    student notebooks that have no solution any more (build deletes those).
+    """
+    solutions_dir, notebooks_dir = Path(solutions_dir), Path(notebooks_dir)
+    changed = []
+    solutions = sorted(solutions_dir.glob(PATTERN))
+    for source in solutions:
+        nb = _read(source)
+        if stamp_setup_cell(nb, source.name):
+            # Only the set-up cell is rewritten; the solution's outputs stay as they were.
+            changed.append(str(source))
+            if not check:
+                nbformat.write(nb, source, version=4)
+        target = notebooks_dir / source.name
+        student = student_version(nb, source.name)
+        if not target.exists() or target.read_text(encoding="utf-8") != _render(student):
+            changed.append(str(target))
+            if not check:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                nbformat.write(student, target, version=4)
+    names = {source.name for source in solutions}
+    for stale in sorted(notebooks_dir.glob(PATTERN)):
+        if stale.name not in names:
+            changed.append(str(stale))
+            if not check:
+                stale.unlink()
+    return changed
+
+
+def execute(path, timeout: int = 900, cwd=None):
+    """Run a solution notebook top to bottom and save it in place with its outputs; return it.
+
+    The working directory is the notebook's folder (as in JupyterLab) unless ``cwd`` is given.
+    On an error nothing is saved, so a failing run never replaces good outputs.
+    """
+    from nbclient import NotebookClient  # only here: building student notebooks does not need it
+
+    path = Path(path)
+    nb = _read(path)
+    stamp_setup_cell(nb, path.name)  # the set-up cell is what makes `helpers` importable
+    # record_timing=False: timestamps would change every solution file on every run.
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(cwd or path.parent)}})
+    client.execute()
+    nbformat.write(nb, path, version=4)
+    return nb
+
+
+def _select(solutions_dir: Path, names: list[str]) -> list[Path]:
+    """Solutions matching NAMES: '03', '03_lora', '03_lora.ipynb' or a path; all of them if none."""
+    every = sorted(solutions_dir.glob(PATTERN))
+    if not names:
+        return every
+    chosen = []
+    for name in names:
+        stem = Path(name).name.removesuffix(".ipynb")
+        hits = [p for p in every if p.stem == stem or p.stem.startswith(stem + "_")]
+        if not hits:
+            raise SystemExit(f"no solution notebook matches {name!r} in {solutions_dir}")
+        chosen += [p for p in hits if p not in chosen]
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.notebooks", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["build", "check", "execute"])
+    parser.add_argument("names", nargs="*", help="execute only: lessons to run, e.g. 03 or 03_lora")
+    parser.add_argument("--timeout", type=int, default=900, help="execute only: seconds per cell")
+    args = parser.parse_args(argv)
+    solutions, notebooks = ROOT / "solutions", ROOT / "notebooks"
+
+    def show(paths):
+        return "\n".join("  " + os.path.relpath(p) for p in paths)
+
+    if args.command == "check":
+        drift = build(solutions, notebooks, check=True)
+        if drift:
+            print(f"notebooks out of date ({len(drift)}):\n{show(drift)}\n{HINT}")
+            return 1
+        print("notebooks are in sync with solutions")
+        return 0
+    if args.command == "execute":
+        for path in _select(solutions, args.names):
+            print(f"executing {os.path.relpath(path)} ...", flush=True)
+            execute(path, timeout=args.timeout)
+    changed = build(solutions, notebooks)
+    print(f"updated {len(changed)} file(s)" + (":\n" + show(changed) if changed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The training step every lesson measures, written once.
+
+    step = make_train_step(model, optimizer, batch)
+    step()                                        # warm-up: allocates the optimizer state
+    report = measure(step, model=model, optimizer=optimizer)
+
+The step is the plain PyTorch one a practitioner writes (and what ``Trainer`` does inside):
+forward, ``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. Only
+the loss is kept from the model's output, so the logits are freed as soon as the loss is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool = False):
+    """A closure running one optimizer step on ``batch``; returns the loss as a float."""
+    set_checkpointing(model, gradient_checkpointing)
+    model.train()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def step() -> float:
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def make_forward(model, batch: dict):
+    """A closure running inference on ``batch`` (no grad), as ``generate`` or evaluation would."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+
+    @torch.no_grad()
+    def forward():
+        return model(input_ids=ids, use_cache=False).logits.shape
+
+    return forward
+
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, non-reentrant, with today's API.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` to
+    ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)``; the old names still work
+    with a FutureWarning until v6.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+            # Enabling also hooked the embeddings so their output requires grad; disabling leaves that
+            # hook in place (transformers 5.23), which makes frozen bottom layers save activations.
+            if getattr(model, "_require_grads_hook", None) is not None:
+                model.disable_input_require_grads()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()

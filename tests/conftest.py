@@ -1,0 +1,28 @@
+"""Test-wide settings: never reach a model hub; make solution notebooks fail on a failing check."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download from a model hub
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["COURSE_STRICT_CHECKS"] = "1"  # inherited by nbval's kernels: a failing check fails
+os.environ.setdefault("PYTHONPATH", str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def course_model():
+    from helpers.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def course_tokenizer():
+    from helpers.models import load_tokenizer
+
+    return load_tokenizer()

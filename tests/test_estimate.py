@@ -1,0 +1,65 @@
+"""The estimator against the meter on a tiny model, and its bookkeeping against first principles."""
+
+import pytest
+import torch
+
+from helpers.estimate import Dims, Recipe, compare, predict, trainable_params, weight_bytes
+from helpers.memory import measure
+from helpers.models import tiny_config, tiny_model
+from helpers.train import make_forward, make_train_step
+
+
+def test_param_count_matches_model():
+    model = tiny_model()
+    assert Dims.of(model.config).params == sum(p.numel() for p in model.parameters())
+    untied = tiny_model(tie_word_embeddings=False)
+    assert Dims.of(untied.config).params == sum(p.numel() for p in untied.parameters())
+
+
+def test_weight_bytes_by_dtype():
+    cfg = tiny_config()
+    fp32, bf16 = weight_bytes(cfg, Recipe(weights="fp32")), weight_bytes(cfg, Recipe(weights="bf16"))
+    assert fp32 == pytest.approx(2 * bf16, rel=0.01)
+    nf4 = weight_bytes(cfg, Recipe(weights="nf4", unquantized="bf16"))
+    int8 = weight_bytes(cfg, Recipe(weights="int8", unquantized="bf16"))
+    assert nf4 < int8 < bf16 < fp32
+
+
+def test_frozen_recipe_trains_fewer_parameters():
+    cfg = tiny_config()
+    d = Dims.of(cfg)
+    assert trainable_params(cfg, Recipe(trainable_blocks=1)) == d.block_params + d.hidden
+    full, one = predict(cfg, Recipe(batch_size=2, seq_len=32)), predict(
+        cfg, Recipe(batch_size=2, seq_len=32, trainable_blocks=1))
+    assert one.optimizer < full.optimizer
+
+
+@pytest.mark.parametrize("b,t,ckpt", [(1, 16, False), (4, 64, False), (8, 128, False), (8, 128, True)])
+def test_training_peak_within_10_percent_on_tiny_model(b, t, ckpt):
+    model = tiny_model(num_hidden_layers=4)
+    ids = torch.randint(0, model.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_train_step(model, opt, batch, gradient_checkpointing=ckpt)
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, Recipe(batch_size=b, seq_len=t, gradient_checkpointing=ckpt))
+    assert predicted.weights == measured.weights
+    assert predicted.optimizer == measured.optimizer
+    assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
+
+
+def test_inference_peak_within_10_percent_on_tiny_model():
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (4, 64))
+    measured = measure(make_forward(model, {"input_ids": ids}), model=model)
+    predicted = predict(model.config, Recipe(batch_size=4, seq_len=64, training=False))
+    assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
+
+
+def test_activations_grow_with_tokens_and_checkpointing_cuts_them():
+    cfg = tiny_config()
+    small, big = predict(cfg, Recipe(batch_size=1, seq_len=256)), predict(cfg, Recipe(batch_size=8, seq_len=256))
+    assert big.activations > small.activations
+    ck = predict(cfg, Recipe(batch_size=8, seq_len=256, gradient_checkpointing=True))
+    assert ck.activations < big.activations

@@ -1,0 +1,168 @@
+"""The meter is exact on cases whose answer is known from first principles."""
+
+import torch
+
+from helpers.memory import Meter, measure, weight_tensors
+from helpers.models import tiny_model
+from helpers.train import make_train_step
+
+
+def storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def batch(model, b=2, t=16):
+    ids = torch.randint(0, model.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_weights_equal_storage_bytes():
+    model = tiny_model()
+    report = measure(lambda: None, model=model)
+    assert report.weights == storage_bytes(list(model.parameters()) + list(model.buffers()))
+    assert report.gradients == report.optimizer == report.activations == 0
+
+
+def test_full_training_step_categories_are_exact():
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = make_train_step(model, opt, batch(model))
+    step()  # allocate AdamW's state
+    report = measure(step, model=model, optimizer=opt)
+    params = list(model.parameters())
+    param_bytes = storage_bytes(params)
+    n_tensors = len({p.untyped_storage()._cdata for p in params})
+    # AdamW: two fp32 moments per parameter, plus one 4-byte step counter per parameter tensor
+    assert report.optimizer == 2 * param_bytes + 4 * n_tensors
+    assert report.activations > 0
+    assert report.peak == report.weights + report.gradients + report.optimizer + report.activations
+
+
+def test_gradients_equal_trainable_bytes_after_backward():
+    model = tiny_model()
+    b = batch(model)
+
+    def forward_backward():
+        model(**b).loss.backward()
+
+    report = measure(forward_backward, model=model)
+    trainable = storage_bytes([p for p in model.parameters() if p.requires_grad])
+    # the peak may come before every gradient exists; at the end all of them do
+    with Meter(model) as m:
+        pass
+    assert m.report.gradients == trainable
+    assert report.gradients <= trainable
+
+
+def test_frozen_all_but_one_block():
+    model = tiny_model()
+    model.requires_grad_(False)
+    last = model.model.layers[-1]
+    last.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step = make_train_step(model, opt, batch(model))
+    step()
+    report = measure(step, model=model, optimizer=opt)
+    block = list(last.parameters())
+    assert report.optimizer == 2 * storage_bytes(block) + 4 * len(block)
+    assert report.weights == storage_bytes(list(model.parameters()) + list(model.buffers()))
+    # after backward (before the optimizer zeroes them), the gradients are exactly the block's
+    model(**batch(model)).loss.backward()
+    with Meter(model, opt) as m:
+        pass
+    assert m.report.gradients == storage_bytes(block)
+    opt.zero_grad(set_to_none=True)
+
+
+def test_identical_numbers_on_two_runs():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step = make_train_step(model, opt, batch(model))
+    step()
+    first = measure(step, model=model, optimizer=opt)
+    second = measure(step, model=model, optimizer=opt)
+    assert first.as_dict() == second.as_dict()
+    assert first.optimizer == storage_bytes(list(model.parameters()))  # one momentum buffer
+
+
+def test_gradient_checkpointing_lowers_activations():
+    model = tiny_model(num_hidden_layers=6)
+    b = batch(model, 4, 64)
+    reports = {}
+    for ckpt in (False, True):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        step = make_train_step(model, opt, b, gradient_checkpointing=ckpt)
+        step()
+        reports[ckpt] = measure(step, model=model, optimizer=opt)
+    assert reports[True].activations < reports[False].activations
+
+
+def test_model_built_inside_block_counts_as_weights():
+    report = measure(lambda: tiny_model())
+    model = report.result
+    assert report.weights == storage_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def test_four_bit_model_weights_include_quantization_constants(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model().save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu")
+    report = measure(lambda: model(input_ids=torch.randint(0, 512, (1, 8))), model=model)
+    expected = storage_bytes(weight_tensors(model))
+    packed = model.model.layers[0].mlp.up_proj.weight
+    assert packed.dtype == torch.uint8 and packed.quant_state.state2 is not None
+    assert report.weights == expected
+    assert report.weights > storage_bytes(list(model.parameters()))  # absmax, codes, nested state
+    from helpers.estimate import Recipe, weight_bytes
+
+    predicted = weight_bytes(model.config, Recipe(weights="nf4", double_quant=True, unquantized="fp32"))
+    assert abs(predicted / report.weights - 1) < 0.02
+
+
+def test_int8_model_weights(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from helpers.estimate import Recipe, weight_bytes
+
+    tiny_model().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    report = measure(lambda: None, model=model)
+    assert report.weights == storage_bytes(weight_tensors(model))
+    predicted = weight_bytes(model.config, Recipe(weights="int8", unquantized="fp32"))
+    assert abs(predicted / report.weights - 1) < 0.02
+
+
+def test_peft_model_is_measured():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    step = make_train_step(model, opt, batch(model))
+    step()
+    report = measure(step, model=model, optimizer=opt)
+    assert report.optimizer == 2 * storage_bytes(trainable) + 4 * len(trainable)
+    assert report.weights == storage_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def test_turning_checkpointing_off_leaves_no_trace():
+    """transformers' disable keeps an input-requires-grad hook; the course helper removes it."""
+    def frozen_bottom_activations(model):
+        model.requires_grad_(False)
+        model.model.layers[-1].requires_grad_(True)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        step = make_train_step(model, opt, batch(model, 4, 64))
+        step()
+        return measure(step, model=model, optimizer=opt).activations
+
+    fresh = frozen_bottom_activations(tiny_model(num_hidden_layers=6))
+    toggled = tiny_model(num_hidden_layers=6)
+    make_train_step(toggled, torch.optim.SGD(toggled.parameters(), lr=0.0), batch(toggled), gradient_checkpointing=True)
+    assert frozen_bottom_activations(toggled) == fresh
