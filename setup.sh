@@ -17,7 +17,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 echo "==> installing torch 2.13.0 (CPU build)"
 # A local CPU wheel if this machine has one, else PyTorch's CPU index: never the multi-GB CUDA build.
 if ! "${PIP[@]}" install -q "torch==2.13.0" --find-links /opt/wheels 2>/dev/null \
-   || ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then
+   || ! "$VENV/bin/python" -W ignore -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then
   "${PIP[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 

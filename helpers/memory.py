@@ -13,8 +13,13 @@ registered on trainable parameters, so frozen and quantized models work); tensor
 ``optimizer.state`` are **optimizer state**; everything else is **activations and temporaries**.
 
 What it does not see: memory an operator allocates and frees inside its own C++ kernel (workspace
-buffers) and memory outside tensors (the Python interpreter, CUDA context, allocator caching). On CUDA
-the report therefore also carries ``torch.cuda.max_memory_allocated`` and ``memory_reserved``.
+buffers), tensors created by other threads (the dispatch mode is per thread), and memory outside
+tensors (the Python interpreter, CUDA context, allocator caching). On CUDA the report therefore also
+carries ``torch.cuda.max_memory_allocated`` and ``memory_reserved``.
+
+The breakdown is the one at the peak. For a block that loads a model, the peak may come before the
+final weights exist (while full-precision tensors are being quantized); ``report.after`` is what is
+alive when the block ends.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class MemoryReport:
     seconds: float = 0.0
     device: str = "cpu"
     before: int = 0  # live tracked bytes when the block started
-    after: int = 0  # live tracked bytes when it ended
+    after: int = 0  # live tracked bytes when it ended (e.g. a loaded model's footprint)
     cuda_max_allocated: int | None = None
     cuda_reserved: int | None = None
     result: object = field(default=None, repr=False, compare=False)
@@ -295,7 +300,7 @@ def measure(fn, model=None, optimizer=None, device=None) -> MemoryReport:
     meter = Meter(model, optimizer, device)
     with meter:
         result = fn()
-    return meter.finish(result) if isinstance(result, torch.nn.Module) else _with_result(meter, result)
+    return meter.finish(result)
 
 
 def time_it(fn, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
@@ -312,8 +317,3 @@ def time_it(fn, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"median": times[len(times) // 2], "min": times[0], "max": times[-1], "repeats": repeats}
-
-
-def _with_result(meter: Meter, result) -> MemoryReport:
-    meter.report.result = result
-    return meter.report
