@@ -15,11 +15,17 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade "pip>=24" setuptools wheel
 
 echo "==> installing torch 2.13.0 (CPU build)"
-# A local CPU wheel if this machine has one, else PyTorch's CPU index: never the multi-GB CUDA build.
-if ! "${PIP[@]}" install -q "torch==2.13.0" --find-links /opt/wheels 2>/dev/null \
-   || ! "$VENV/bin/python" -W ignore -c "import torch, sys; sys.exit(torch.version.cuda is not None)"; then
-  "${PIP[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+# Only ever a CPU build: this machine's local CPU wheel if it has one, else PyTorch's CPU index.
+# (Plain `pip install torch` from PyPI would pull the multi-GB CUDA build.)
+LOCAL_TORCH=$(ls /opt/wheels/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$LOCAL_TORCH" ] && [ "$("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" = True ]; then
+  "${PIP[@]}" install -q "$LOCAL_TORCH"
+else
+  # +cpu builds live only on PyTorch's CPU index; its other dependencies come from PyPI.
+  "${PIP[@]}" install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
+"$VENV/bin/python" -W ignore -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
+  || { echo "error: a CUDA build of torch was installed; remove $VENV and rerun" >&2; exit 1; }
 
 echo "==> installing the course libraries (requirements.txt)"
 # torch is already satisfied, so nothing here can swap it for a CUDA build.

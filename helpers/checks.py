@@ -87,6 +87,9 @@ def run_check(name: str, answer=None, **context) -> CheckResult:
         return CheckResult(name, SKIP, "replace the `None` (or the `raise NotImplementedError()` line) "
                                        "with your answer, run the cell, then run this check again.",
                            0, ex.points)
+    if isinstance(answer, (tuple, list)) and any(a is None or a is Ellipsis for a in answer):
+        return CheckResult(name, SKIP, "some values are still `None`: fill in every one, then run this "
+                                       "check again.", 0, ex.points)
     try:
         passed, message = ex.fn(answer, **context)
     except Exception as err:  # a malformed answer must produce feedback, not a traceback

@@ -84,7 +84,21 @@ def missing_packages(requirements=None, skip=NEVER_INSTALL) -> list[str]:
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], check=True)
+    """pip install, with the installed torch pinned: no dependency may replace Colab's CUDA build."""
+    import tempfile
+
+    pins = [f"torch=={metadata.version('torch')}"] if _installed("torch") else []
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        constraints.write("\n".join(pins) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name, *args], check=True)
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _device() -> tuple[str | None, str]:

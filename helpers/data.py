@@ -90,7 +90,7 @@ def heldout_loss(model, corpus: Corpus, batch_size: int = 8, max_chunks: int | N
     try:
         for i in range(0, len(data), batch_size):
             ids = data[i: i + batch_size].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             target = ids[:, 1:]
             total += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum").item()

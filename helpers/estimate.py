@@ -95,6 +95,16 @@ class Recipe:
     gradient_checkpointing: bool = False
     device: str = "cpu"  # cpu | cuda: PyTorch's default optimizer implementation differs
 
+    def __post_init__(self):
+        formats = (*BYTES, *QUANTIZED)
+        if self.weights not in formats:
+            raise ValueError(f"Recipe(weights={self.weights!r}): choose one of {', '.join(formats)}")
+        if self.unquantized not in BYTES:
+            raise ValueError(f"Recipe(unquantized={self.unquantized!r}): choose one of {', '.join(BYTES)}")
+        if self.optimizer not in OPTIMIZER_STATE_BYTES:
+            raise ValueError(f"Recipe(optimizer={self.optimizer!r}): choose one of "
+                             f"{', '.join(OPTIMIZER_STATE_BYTES)}")
+
     def but(self, **changes) -> Recipe:
         return replace(self, **changes)
 
@@ -169,6 +179,9 @@ def block_activation_bytes(config, tokens: int, act_bytes: int = 4) -> int:
 def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     """Peak bytes by category for one step of ``recipe`` (see the module docstring)."""
     d = Dims.of(config)
+    if recipe.training and recipe.weights in QUANTIZED:
+        raise ValueError(f"Recipe(weights={recipe.weights!r}) cannot be fine-tuned directly (bitsandbytes "
+                         "weights are frozen): use training=False, or train LoRA adapters on top (lesson 05)")
     n = recipe.batch_size * recipe.seq_len
     w = weight_bytes(d, recipe)
     a = 4 if recipe.weights in QUANTIZED else BYTES[recipe.weights]

@@ -123,6 +123,8 @@ def _convert(source: Path, target: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         verbosity = hf_logging.get_verbosity()
@@ -191,10 +193,14 @@ def resolve(name: str | None = None) -> str:
     return name
 
 
-def _explain_unavailable(name: str, err: Exception) -> ModelUnavailableError:
+def _explain_unavailable(name: str, err: Exception, online: bool = False) -> ModelUnavailableError:
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
     if Path(name).expanduser().exists():
-        return ModelUnavailableError(f"{name!r} exists but is not a loadable model folder ({type(err).__name__}: "
-                                     f"{str(err).splitlines()[0] if str(err) else ''}).")
+        return ModelUnavailableError(f"{name!r} exists but is not a loadable model folder ({first_line}).")
+    if online:
+        return ModelUnavailableError(
+            f"Could not load {name!r} from the Hugging Face Hub ({first_line}): check the spelling, and for "
+            f"a gated model accept its licence on the hub and log in with `hf auth login`.")
     return ModelUnavailableError(
         f"Could not load {name!r}: it is not a local folder and the Hugging Face Hub could not be reached "
         f"from this machine (offline?); use the default course model (leave the name and COURSE_MODEL "
@@ -264,7 +270,7 @@ def load_model(name: str | None = None, dtype=torch.float32, quantization_config
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, quantization_config=quantization_config, device_map=device_map, **kwargs)
     except OSError as err:  # hub unreachable, repository not found, not a model folder
-        raise _explain_unavailable(path, err) from None
+        raise _explain_unavailable(path, err, online=_hub_reachable()) from None
     model.eval()
     return model
 
@@ -277,7 +283,7 @@ def load_tokenizer(name: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as err:
-        raise _explain_unavailable(path, err) from None
+        raise _explain_unavailable(path, err, online=_hub_reachable()) from None
 
 
 # ------------------------------------------------------------------------------------------------

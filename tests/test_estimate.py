@@ -63,3 +63,39 @@ def test_activations_grow_with_tokens_and_checkpointing_cuts_them():
     assert big.activations > small.activations
     ck = predict(cfg, Recipe(batch_size=8, seq_len=256, gradient_checkpointing=True))
     assert ck.activations < big.activations
+
+
+def test_recipe_mistakes_get_a_clear_message():
+    with pytest.raises(ValueError, match="choose one of"):
+        Recipe(optimizer="AdamW8bit")
+    with pytest.raises(ValueError, match="choose one of"):
+        Recipe(weights="int4")
+    with pytest.raises(ValueError, match="LoRA"):
+        predict(tiny_config(), Recipe(weights="nf4"))
+
+
+@pytest.mark.parametrize("optimizer,blocks", [("sgd_plain", None), ("sgd", None), ("adamw", 1), ("sgd", 2)])
+def test_sgd_and_frozen_recipes_within_10_percent(optimizer, blocks):
+    model = tiny_model(num_hidden_layers=4)
+    if blocks is not None:
+        model.requires_grad_(False)
+        for block in model.model.layers[-blocks:]:
+            block.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(trainable, lr=1e-4) if optimizer == "adamw"
+           else torch.optim.SGD(trainable, lr=1e-4, momentum=0.9 if optimizer == "sgd" else 0.0))
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(2))
+    step = make_train_step(model, opt, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, Recipe(batch_size=4, seq_len=64, optimizer=optimizer, trainable_blocks=blocks))
+    assert predicted.optimizer == measured.optimizer
+    assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
+
+
+def test_benchmark_on_the_course_model_smallest_and_checkpointed():
+    from helpers.benchmark import TOLERANCE, run
+
+    rows = run([2], [64], checkpointing=(True,))
+    assert rows and all(abs(r["error"]) < TOLERANCE for r in rows)

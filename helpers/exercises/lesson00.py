@@ -3,18 +3,8 @@
 from __future__ import annotations
 
 from ..checks import as_number, close, exercise, human_bytes, ratio_hint
-from ..estimate import Dims
 
 LESSON = "00_where_the_memory_goes"
-
-
-def course_dims() -> Dims:
-    """The course model's shapes, read from its converted config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from ..models import prepare_default_model
-
-    return Dims.of(AutoConfig.from_pretrained(prepare_default_model(verbose=False)))
 
 
 @exercise("weights_7b", lesson=LESSON)
@@ -39,7 +29,7 @@ def weights_7b(answer, params: float = 7e9):
             2.0: "that is 1 byte per parameter (int8); 4-bit is half a byte.",
             4.0: "that is bf16; nf4 stores 4 bits per weight.",
             8.0: "that is 4 bytes per parameter (or bits counted as bytes): 4 bits = 0.5 bytes.",
-            2**-31: "that looks like GiB; the exercise asks for bytes."}, rel=0.15)
+            2**-30: "that looks like GiB; the exercise asks for bytes."}, rel=0.15)
         return False, f"nf4: you said {human_bytes(nf4)}; " + (
             hint or "4 bits per weight is 0.5 byte; block constants add about 4/64 byte more.")
     return True, (f"bf16 {human_bytes(bf16)}, nf4 {human_bytes(nf4)}: 4x smaller than bf16 before "
@@ -47,10 +37,12 @@ def weights_7b(answer, params: float = 7e9):
 
 
 @exercise("adamw_state_bytes", lesson=LESSON)
-def adamw_state_bytes(answer):
-    """AdamW's state for the course model, trained in full, in fp32."""
+def adamw_state_bytes(answer, n_params: int | None = None):
+    """AdamW's state for the lesson's model (``n_params`` parameters), trained in full, in fp32."""
+    if n_params is None:
+        return False, "run the cells above first: the check needs `n_params` (pass n_params=n_params)."
     value = as_number(answer, "a number of bytes")
-    params = course_dims().params
+    params = int(n_params)
     target = 8 * params
     if close(value, target, 0.01):
         return True, (f"{human_bytes(value)}: two fp32 moments (exp_avg, exp_avg_sq) per parameter, "
@@ -61,7 +53,9 @@ def adamw_state_bytes(answer):
         2.0: "that counts weights and gradients too; the question is the optimizer state only.",
         0.25: "that is 2 bytes per parameter: the moments are fp32 (4 bytes each) for fp32 training.",
         1 / 8: "that is the number of parameters: multiply by the bytes each one costs.",
-        2**-20: "that looks like MiB; the exercise asks for bytes."})
+        2**-20: "that looks like MiB; the exercise asks for bytes.",
+        2**-30: "that looks like GiB; the exercise asks for bytes.",
+        1e-9: "that looks like GB; the exercise asks for bytes."})
     return False, f"you said {human_bytes(value)}. " + (
         hint or "count the parameters (sum of p.numel()) and the bytes AdamW keeps for each.")
 
@@ -81,7 +75,7 @@ def largest_category(answer, report=None):
         return False, "run the measurement cell above first: the check reads `report` from it."
     if not isinstance(answer, str):
         return False, f"answer with a string such as 'weights' (you gave a {type(answer).__name__})."
-    said = answer.strip().lower()
+    said = answer.strip().strip(".!'\"` ").lower()
     category = next((c for c, words in CATEGORY_WORDS.items() if said in words), None)
     if category is None:
         return False, "answer with one of 'weights', 'gradients', 'optimizer', 'activations'."
@@ -94,18 +88,23 @@ def largest_category(answer, report=None):
 
 
 @exercise("logits_bytes", lesson=LESSON)
-def logits_bytes(answer, batch_size: int = 8, seq_len: int = 256):
-    """Bytes of the fp32 logits tensor for one batch."""
+def logits_bytes(answer, vocab: int | None = None, hidden: int | None = None,
+                 batch_size: int = 8, seq_len: int = 256):
+    """Bytes of the fp32 logits tensor for one batch of the lesson's model (vocabulary ``vocab``)."""
+    if vocab is None:
+        return False, "run the cells above first: the check needs the vocabulary size (vocab=dims.vocab)."
     value = as_number(answer, "a number of bytes")
-    d = course_dims()
-    target = batch_size * seq_len * d.vocab * 4
-    if close(value, target, 0.005):
-        return True, (f"{human_bytes(value)}: batch x sequence x vocabulary x 4 bytes. With a "
-                      f"{d.vocab:,}-token vocabulary the logits outweigh a whole decoder block's activations.")
-    hint = ratio_hint(value, target, {
-        0.25: "that is the number of elements: each fp32 element is 4 bytes.",
-        d.hidden / d.vocab: "that uses the hidden size; logits have one score per vocabulary entry.",
+    target = batch_size * seq_len * vocab * 4
+    if value == target:
+        return True, f"{human_bytes(value)}: batch x sequence x vocabulary x 4 bytes."
+    hints = {
+        0.25: (f"that is a quarter of it: the number of elements (each fp32 element is 4 bytes), or the "
+               f"4 x 128 batch from above instead of {batch_size} x {seq_len}."),
         0.5: "that is 2 bytes per element; the loss works on fp32 logits (4 bytes).",
         2**-20: "that looks like MiB; the exercise asks for bytes.",
-        1 / batch_size: "that is one sequence; multiply by the batch size."})
+        1 / batch_size: "that is one sequence; multiply by the batch size.",
+        (seq_len - 1) / seq_len: "the logits cover every position, including the last (the loss shifts the labels)."}
+    if hidden:
+        hints[hidden / vocab] = "that uses the hidden size; logits have one score per vocabulary entry."
+    hint = ratio_hint(value, target, hints, rel=0.001)
     return False, f"you said {human_bytes(value)}. " + (hint or "logits have shape (batch, sequence, vocabulary).")
