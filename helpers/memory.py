@@ -17,6 +17,9 @@ buffers), tensors created by other threads (the dispatch mode is per thread), an
 tensors (the Python interpreter, CUDA context, allocator caching). On CUDA the report therefore also
 carries ``torch.cuda.max_memory_allocated`` and ``memory_reserved``.
 
+Tensors that existed before the block and are not the model's or the optimizer's (the input batch,
+say) are counted from the moment the block first touches them: they are alive, just not new.
+
 The breakdown is the one at the peak. For a block that loads a model, the peak may come before the
 final weights exist (while full-precision tensors are being quantized); ``report.after`` is what is
 alive when the block ends.

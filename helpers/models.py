@@ -269,7 +269,7 @@ def load_model(name: str | None = None, dtype=torch.float32, quantization_config
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, quantization_config=quantization_config, device_map=device_map, **kwargs)
-    except OSError as err:  # hub unreachable, repository not found, not a model folder
+    except (OSError, ValueError) as err:  # hub unreachable, no such repository, invalid id, not a model
         raise _explain_unavailable(path, err, online=_hub_reachable()) from None
     model.eval()
     return model
@@ -282,7 +282,7 @@ def load_tokenizer(name: str | None = None):
     _check_available(path)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _explain_unavailable(path, err, online=_hub_reachable()) from None
 
 

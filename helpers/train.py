@@ -52,9 +52,11 @@ def set_checkpointing(model, enabled: bool) -> None:
     with a FutureWarning until v6.
     """
     if hasattr(model, "activation_checkpointing_enable"):
+        if enabled == model.is_activation_checkpointing:
+            return  # enabling twice would add a second embedding hook that disabling never removes
         if enabled:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif model.is_activation_checkpointing:
+        else:
             model.activation_checkpointing_disable()
             # Enabling also hooked the embeddings so their output requires grad; disabling leaves that
             # hook in place (transformers 5.23), which makes frozen bottom layers save activations.

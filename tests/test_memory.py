@@ -164,5 +164,7 @@ def test_turning_checkpointing_off_leaves_no_trace():
 
     fresh = frozen_bottom_activations(tiny_model(num_hidden_layers=6))
     toggled = tiny_model(num_hidden_layers=6)
-    make_train_step(toggled, torch.optim.SGD(toggled.parameters(), lr=0.0), batch(toggled), gradient_checkpointing=True)
+    for _ in range(2):  # enabling twice must not leave a second hook behind
+        make_train_step(toggled, torch.optim.SGD(toggled.parameters(), lr=0.0), batch(toggled),
+                        gradient_checkpointing=True)
     assert frozen_bottom_activations(toggled) == fresh
