@@ -79,6 +79,7 @@ def _blank(answer) -> bool:
 
 def run_check(name: str, answer=None, **context) -> CheckResult:
     """Evaluate exercise ``name`` on ``answer`` and return the result (no printing, no raising)."""
+    _load_lesson_checks()
     ex = EXERCISES.get(name)
     if ex is None:
         known = ", ".join(sorted(EXERCISES)) or "none loaded"
@@ -101,7 +102,6 @@ def run_check(name: str, answer=None, **context) -> CheckResult:
 
 def check(name: str, answer=None, **context) -> CheckResult:
     """Check an exercise answer and show friendly feedback (the notebook-facing entry point)."""
-    _load_lesson_checks()
     result = run_check(name, answer, **context)
     if os.environ.get("COURSE_STRICT_CHECKS") == "1" and not result.passed:
         raise AssertionError(str(result))

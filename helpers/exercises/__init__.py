@@ -1,3 +1,6 @@
 """Every lesson's exercise checks, registered with ``helpers.checks.exercise`` on import."""
 
-from . import lesson00  # noqa: F401
+from . import (
+    lesson00,  # noqa: F401
+    lesson01,  # noqa: F401
+)

@@ -1,0 +1,21 @@
+"""The hardware check reads CPU flags and gives one plain sentence per question."""
+
+from helpers.hardware import HardwareCheck, cpu_flags, hardware_check
+
+
+def test_cpu_flags_parse_linux_and_arm_formats():
+    assert {"avx512_bf16", "amx_tile"} <= cpu_flags("processor : 0\nflags\t\t: fpu avx512_bf16 amx_tile\n")
+    assert "asimd" in cpu_flags("Features\t: fp asimd\n")
+    assert cpu_flags("") == set()
+
+
+def test_verdicts_cover_cpu_and_a_gpu_without_bf16():
+    here = hardware_check()
+    text = str(here)
+    assert "bf16" in text and "bitsandbytes" in text and here.device in {"cpu", "cuda"}
+    t4 = HardwareCheck(cuda=True, gpu_name="Tesla T4", compute_capability=(7, 5), bf16=False, fp16_training=True,
+                       cpu_bf16=False, cpu_amx=False, bitsandbytes="0.50.2, CUDA backend",
+                       notes=["No bf16 on this GPU (a T4 or V100): use fp16 with a gradient scaler."])
+    lines = t4.lines()
+    assert lines[0].startswith("GPU: Tesla T4, compute capability 7.5")
+    assert any("not supported" in line for line in lines) and any("fp16" in line for line in lines)
