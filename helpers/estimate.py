@@ -92,6 +92,7 @@ class Recipe:
     unquantized: str = "fp32"  # dtype bitsandbytes leaves embeddings, norms and lm_head in
     optimizer: str = "adamw"  # adamw | sgd (with momentum) | sgd_plain | none
     trainable_blocks: int | None = None  # None: everything; k: only the last k blocks + final norm
+    trainable_at: str = "top"  # with trainable_blocks=k: "top" (last k + final norm) or "bottom" (first k only)
     gradient_checkpointing: bool = False
     device: str = "cpu"  # cpu | cuda: PyTorch's default optimizer implementation differs
 
@@ -104,6 +105,8 @@ class Recipe:
         if self.optimizer not in OPTIMIZER_STATE_BYTES:
             raise ValueError(f"Recipe(optimizer={self.optimizer!r}): choose one of "
                              f"{', '.join(OPTIMIZER_STATE_BYTES)}")
+        if self.trainable_at not in ("top", "bottom"):
+            raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
     def but(self, **changes) -> Recipe:
         return replace(self, **changes)
@@ -149,7 +152,8 @@ def trainable_params(config, recipe: Recipe = Recipe()) -> int:
         return 0
     if recipe.trainable_blocks is None:
         return d.params
-    return min(recipe.trainable_blocks, d.layers) * d.block_params + d.hidden
+    final_norm = d.hidden if recipe.trainable_at == "top" else 0
+    return min(recipe.trainable_blocks, d.layers) * d.block_params + final_norm
 
 
 def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
@@ -160,7 +164,7 @@ def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
     per_block = len(d.linear_shapes()) + 2
     if recipe.trainable_blocks is None:
         return d.layers * per_block + 2 + (0 if d.tied else 1)
-    return min(recipe.trainable_blocks, d.layers) * per_block + 1
+    return min(recipe.trainable_blocks, d.layers) * per_block + (1 if recipe.trainable_at == "top" else 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,6 +178,16 @@ def block_activation_bytes(config, tokens: int, act_bytes: int = 4) -> int:
     d = Dims.of(config)
     per_token = (4 * d.hidden + 2 * d.hidden + 2 * d.q_dim + 2 * d.kv_dim + 4 * d.intermediate) * act_bytes
     return tokens * (per_token + 4 * d.heads)
+
+
+def frozen_block_activation_bytes(config, tokens: int, act_bytes: int = 4) -> int:
+    """What a *frozen* decoder block saves when backpropagation must still pass through it (a
+    trainable block below it): only what the input's gradient needs. Compared with
+    ``block_activation_bytes`` it drops the tensors kept for weight gradients: each RMSNorm's
+    normalised input and scaled output (the linear layers' inputs) and the MLP product (the down
+    projection's input), 4 x hidden + intermediate per token."""
+    d = Dims.of(config)
+    return block_activation_bytes(d, tokens, act_bytes) - tokens * (4 * d.hidden + d.intermediate) * act_bytes
 
 
 def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
@@ -199,31 +213,38 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     if recipe.optimizer in ("adamw", "adam"):
         state += 4 * trainable_tensors(d, recipe)
 
-    # Which blocks backpropagation runs through: all of them if the embeddings train.
+    # Which blocks backpropagation runs through: down to the lowest trainable one (all of them if the
+    # embeddings train). Training the first k blocks runs it through the frozen ones above them too.
     k = d.layers if recipe.trainable_blocks is None else min(recipe.trainable_blocks, d.layers)
+    bottom = recipe.trainable_blocks is not None and recipe.trainable_at == "bottom"
     embeddings_train = recipe.trainable_blocks is None
+    g_norm = 0 if bottom else d.hidden * grad_bytes  # the final norm trains unless only the bottom does
     block_act = block_activation_bytes(d, n, a)
     saved_input = n * d.hidden * a  # what a checkpointed block keeps: its input
-    per_block = saved_input if recipe.gradient_checkpointing else block_act
+    # The path of backpropagation, top to bottom: (trainable?, what the block saves in the forward).
+    path = [(False, frozen_block_activation_bytes(d, n, a))] * (d.layers - k if bottom and k else 0)
+    path += [(True, block_act)] * k
+    saved = [saved_input if recipe.gradient_checkpointing else act for _, act in path]
     head_act = 3 * n * d.hidden * a  # embedding output, final norm (2 tensors)
     g_block = d.block_params * grad_bytes
     g_head = d.embedding_params * grad_bytes if embeddings_train else 0  # tied lm_head / embedding
 
     phases = {}
     # 1. Start of backward: saved activations + log-softmax output, its gradient and the logits'.
-    phases["backward start"] = (0, k * per_block + head_act + 3 * logits)
+    phases["backward start"] = (0, sum(saved) + head_act + 3 * logits)
     # 2. Through the blocks, top to bottom: block j's activations (recomputed if checkpointed) are
-    #    alive with those below it; gradients of the blocks above have accumulated. The lm_head's
-    #    gradient waits for the embedding's when they are tied.
-    for j in range(k):  # j blocks above the current one are done
-        below = (k - j - 1) * per_block
-        current = block_act + (saved_input if recipe.gradient_checkpointing else 0)
+    #    alive with those below it; gradients of the trainable blocks above have accumulated. The
+    #    lm_head's gradient waits for the embedding's when they are tied.
+    done = 0  # trainable blocks above the current one
+    for j, (trains, act) in enumerate(path):
+        below = sum(saved[j + 1:])
+        current = act + (saved_input if recipe.gradient_checkpointing else 0)
         transient = n * (2 * d.intermediate + d.hidden) * a  # gradients of the MLP's intermediates
-        phases[f"block {k - j}"] = (j * g_block + d.hidden * grad_bytes,
-                                    below + current + transient + g_head + head_act)
+        phases[f"block {len(path) - j}"] = (done * g_block + g_norm, below + current + transient + g_head + head_act)
+        done += trains
     # 3. End of backward: the embedding's gradient meets the lm_head's (tied weights) and their sum,
     #    a new tensor, becomes the .grad while both addends are still alive.
-    phases["backward end"] = (k * g_block + d.hidden * grad_bytes + g_head, 2 * g_head)
+    phases["backward end"] = (k * g_block + g_norm + g_head, 2 * g_head)
     # 4. Optimizer step with every gradient present. PyTorch's default AdamW on CPU runs parameter by
     #    parameter: sqrt(v) and the bias-corrected denominator of the largest tensor are alive at once.
     #    On CUDA the default foreach path builds them for all parameters together.

@@ -99,3 +99,29 @@ def test_benchmark_on_the_course_model_smallest_and_checkpointed():
 
     rows = run([2], [64], checkpointing=(True,))
     assert rows and all(abs(r["error"]) < TOLERANCE for r in rows)
+
+
+@pytest.mark.parametrize("b,t,optimizer", [(4, 64, "adamw"), (1, 16, "adamw"), (8, 128, "sgd")])
+def test_training_the_bottom_blocks_within_10_percent(b, t, optimizer):
+    """Freezing the *top* blocks (training the first k, embeddings frozen): backpropagation still runs
+    through every frozen block above them, so activations stay close to full training."""
+    model = tiny_model(num_hidden_layers=4)
+    model.requires_grad_(False)
+    for block in model.model.layers[:2]:
+        block.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    recipe = Recipe(batch_size=b, seq_len=t, optimizer=optimizer, trainable_blocks=2, trainable_at="bottom")
+    assert trainable_params(model.config, recipe) == sum(p.numel() for p in trainable)
+    opt = (torch.optim.AdamW(trainable, lr=1e-4) if optimizer == "adamw"
+           else torch.optim.SGD(trainable, lr=1e-4, momentum=0.9))
+    ids = torch.randint(0, model.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(3))
+    step = make_train_step(model, opt, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, recipe)
+    assert predicted.optimizer == measured.optimizer
+    assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
+    big = recipe.but(batch_size=8, seq_len=128)  # where activations, not model state, make the peak
+    assert predict(model.config, big).activations > predict(model.config, big.but(trainable_at="top")).activations
+    with pytest.raises(ValueError, match="choose one of"):
+        Recipe(trainable_at="middle")

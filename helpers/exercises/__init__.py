@@ -3,4 +3,5 @@
 from . import (
     lesson00,  # noqa: F401
     lesson01,  # noqa: F401
+    lesson02,  # noqa: F401
 )
