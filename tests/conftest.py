@@ -26,3 +26,17 @@ def course_tokenizer():
     from helpers.models import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture
+def lenient_checks(monkeypatch):
+    """Check tests look at FAIL results, which strict mode (meant for solution notebooks) turns into errors."""
+    monkeypatch.delenv("COURSE_STRICT_CHECKS", raising=False)
+
+
+@pytest.fixture(scope="module", params=["course-shaped", "tiny"])
+def dims(request):
+    """Checks take the model's numbers from the lesson, so they must hold for any model, not only the default."""
+    from casebook import COURSE, TINY
+
+    return COURSE if request.param == "course-shaped" else TINY

@@ -6,10 +6,7 @@ from transformers import BitsAndBytesConfig
 
 from helpers.checks import FAIL, PASS, SKIP, run_check
 
-
-@pytest.fixture(autouse=True)
-def lenient(monkeypatch):
-    monkeypatch.delenv("COURSE_STRICT_CHECKS", raising=False)
+pytestmark = pytest.mark.usefixtures("lenient_checks")
 
 
 def nf4(**kw):

@@ -1,19 +1,16 @@
 """Lesson 02's exercise checks: the right answer passes, blanks are "not attempted", wrong ones get hints."""
 
 import pytest
+from casebook import COURSE
 
 import helpers.exercises  # noqa: F401  (registers the checks, whichever test runs first)
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, check, run_check
 from helpers.estimate import Dims
 from helpers.models import tiny_config, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def lenient(monkeypatch):
-    monkeypatch.delenv("COURSE_STRICT_CHECKS", raising=False)
+pytestmark = pytest.mark.usefixtures("lenient_checks")
 
 
-COURSE = Dims(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,4 +4,5 @@ from . import (
     lesson00,  # noqa: F401
     lesson01,  # noqa: F401
     lesson02,  # noqa: F401
+    lesson03,  # noqa: F401
 )
