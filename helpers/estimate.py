@@ -2,6 +2,7 @@
 
     predict(config, Recipe(batch_size=4, seq_len=128))                  # fp32 AdamW full fine-tune
     predict(config, Recipe(training=False, weights="nf4"))               # 4-bit inference
+    predict(config, Recipe(lora_rank=16, lora_targets=("q_proj", "v_proj")))   # LoRA adapters only
 
 The prediction uses the same categories as ``helpers.memory`` and the same moment: the peak of one
 steady-state training step (optimizer state already allocated, gradients freed by
@@ -20,6 +21,8 @@ from .memory import CATEGORIES, MemoryReport
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 QUANTIZED = ("int8", "nf4", "fp4")
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "sgd_momentum": 4, "sgd_plain": 0, "none": 0}
+# The linear layers of a Llama-style block, in the order of ``Dims.linear_shapes``, by their module names.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class Dims:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def lora_params(self, rank: int, targets=LINEAR_NAMES) -> int:
+        """Adapter parameters in one block: r x (in + out) for each targeted linear layer (A is r x in, B out x r)."""
+        return sum(rank * (o + i) for name, (o, i) in zip(LINEAR_NAMES, self.linear_shapes(), strict=True)
+                   if name in targets)
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(out_features, in_features) of the linear layers in one decoder block."""
@@ -95,8 +103,25 @@ class Recipe:
     trainable_at: str = "top"  # with trainable_blocks=k: "top" (last k + final norm) or "bottom" (first k only)
     gradient_checkpointing: bool = False
     device: str = "cpu"  # cpu | cuda: PyTorch's default optimizer implementation differs
+    lora_rank: int = 0  # > 0: train only LoRA adapters of this rank (peft); the base model is frozen
+    lora_targets: tuple[str, ...] | str = LINEAR_NAMES  # module names, or "all-linear" as in LoraConfig
+    lora_dropout: float = 0.0  # > 0 makes each adapter keep its own dropped-out copy of its input
 
     def __post_init__(self):
+        if self.lora_targets == "all-linear":
+            object.__setattr__(self, "lora_targets", LINEAR_NAMES)
+        elif isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", (self.lora_targets,))
+        else:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
+        if unknown or (self.lora_rank and not self.lora_targets):
+            raise ValueError(f"Recipe(lora_targets={self.lora_targets!r}): choose among {', '.join(LINEAR_NAMES)} "
+                             "or 'all-linear'")
+        if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
+            raise ValueError(f"Recipe(lora_rank={self.lora_rank!r}): a whole number, 0 for no LoRA")
+        if self.lora_rank and self.trainable_blocks is not None:
+            raise ValueError("Recipe: give lora_rank or trainable_blocks, not both (LoRA freezes every base weight)")
         formats = (*BYTES, *QUANTIZED)
         if self.weights not in formats:
             raise ValueError(f"Recipe(weights={self.weights!r}): choose one of {', '.join(formats)}")
@@ -146,10 +171,17 @@ def weight_bytes(config, recipe: Recipe = Recipe()) -> int:
     return d.params * BYTES[recipe.weights] + rotary_buffer_bytes(d)
 
 
+def lora_bytes(config, recipe: Recipe) -> int:
+    """The adapters' weights: fp32 (peft's default, whatever the base model's dtype)."""
+    return Dims.of(config).layers * Dims.of(config).lora_params(recipe.lora_rank, recipe.lora_targets) * 4
+
+
 def trainable_params(config, recipe: Recipe = Recipe()) -> int:
     d = Dims.of(config)
     if not recipe.training:
         return 0
+    if recipe.lora_rank:
+        return d.layers * d.lora_params(recipe.lora_rank, recipe.lora_targets)
     if recipe.trainable_blocks is None:
         return d.params
     final_norm = d.hidden if recipe.trainable_at == "top" else 0
@@ -161,6 +193,8 @@ def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
     d = Dims.of(config)
     if not recipe.training:
         return 0
+    if recipe.lora_rank:
+        return d.layers * 2 * len(recipe.lora_targets)  # A and B per adapter
     per_block = len(d.linear_shapes()) + 2
     if recipe.trainable_blocks is None:
         return d.layers * per_block + 2 + (0 if d.tied else 1)
@@ -190,14 +224,50 @@ def frozen_block_activation_bytes(config, tokens: int, act_bytes: int = 4) -> in
     return block_activation_bytes(d, tokens, act_bytes) - tokens * (4 * d.hidden + d.intermediate) * act_bytes
 
 
+def lora_block_activation_bytes(config, tokens: int, recipe: Recipe, act_bytes: int = 4) -> int:
+    """What a decoder block with LoRA adapters (frozen base) saves for backward: what a frozen block
+    saves, plus what the adapters' weight gradients need. Each adapter keeps the output of its A
+    (r numbers per token). Without dropout, A reads the very tensor the base layer reads, so the
+    attention's input (for q, k, v), the MLP's input (gate, up) and the MLP product (down) are kept
+    once each; o_proj's input, the attention output, is kept by attention anyway. With dropout (on
+    the CPU: input x a random scaled mask) each adapter keeps its own dropped-out copy of its input
+    and the mask, both in the activations' dtype."""
+    d = Dims.of(config)
+    targets = recipe.lora_targets
+    per_token = len(targets) * recipe.lora_rank * act_bytes
+    if recipe.lora_dropout > 0:
+        inputs = {name: i for name, (_, i) in zip(LINEAR_NAMES, d.linear_shapes(), strict=True)}
+        per_token += sum(inputs[t] * 2 * act_bytes for t in targets)
+    else:
+        kept = [d.hidden if {"q_proj", "k_proj", "v_proj"} & set(targets) else 0,
+                d.hidden if {"gate_proj", "up_proj"} & set(targets) else 0,
+                d.intermediate if "down_proj" in targets else 0]
+        per_token += sum(kept) * act_bytes
+    return frozen_block_activation_bytes(d, tokens, act_bytes) + tokens * per_token
+
+
+def _lora_block0_unsaved(d: Dims, tokens: int, recipe: Recipe, a: int) -> int:
+    """What block 0 of a LoRA model does not save: the embeddings' output does not require grad, so
+    nothing before block 0's first adapter is part of the graph. Its first norm saves nothing, its
+    q/k/v dropouts keep no mask, and with no attention adapter the attention saves nothing either."""
+    targets = set(recipe.lora_targets)
+    qkv = len({"q_proj", "k_proj", "v_proj"} & targets)
+    per_token = d.hidden * a * (1 + (qkv if recipe.lora_dropout > 0 else 0))
+    if not qkv:  # q, k, v and the log-sum-exp are not kept; nor the attention output without o_proj's adapter
+        per_token += (d.q_dim + 2 * d.kv_dim) * a + 4 * d.heads
+        if "o_proj" not in targets:
+            per_token += (d.q_dim + d.hidden) * a  # the attention output, the second norm's input
+    return tokens * per_token
+
+
 def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     """Peak bytes by category for one step of ``recipe`` (see the module docstring)."""
     d = Dims.of(config)
-    if recipe.training and recipe.weights in QUANTIZED:
+    if recipe.training and recipe.weights in QUANTIZED and not recipe.lora_rank:
         raise ValueError(f"Recipe(weights={recipe.weights!r}) cannot be fine-tuned directly (bitsandbytes "
                          "weights are frozen): use training=False, or train LoRA adapters on top (lesson 05)")
     n = recipe.batch_size * recipe.seq_len
-    w = weight_bytes(d, recipe)
+    w = weight_bytes(d, recipe) + (lora_bytes(d, recipe) if recipe.lora_rank else 0)
     a = 4 if recipe.weights in QUANTIZED else BYTES[recipe.weights]
     logits = n * d.vocab * 4  # the loss upcasts logits to fp32
 
@@ -207,7 +277,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
         return MemoryReport(weights=w, activations=max(block_tmp, n * d.vocab * a), device=recipe.device)
 
     p_train = trainable_params(d, recipe)
-    grad_bytes = 4 if recipe.weights in QUANTIZED else BYTES[recipe.weights]
+    grad_bytes = 4 if recipe.weights in QUANTIZED or recipe.lora_rank else BYTES[recipe.weights]
     # Moments are kept in the parameters' dtype; Adam also keeps a 4-byte step counter per tensor.
     state = p_train * OPTIMIZER_STATE_BYTES[recipe.optimizer] * grad_bytes // 4
     if recipe.optimizer in ("adamw", "adam"):
@@ -215,18 +285,22 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
 
     # Which blocks backpropagation runs through: down to the lowest trainable one (all of them if the
     # embeddings train). Training the first k blocks runs it through the frozen ones above them too.
+    lora = bool(recipe.lora_rank)  # adapters in every block: backpropagation runs through all of them
     k = d.layers if recipe.trainable_blocks is None else min(recipe.trainable_blocks, d.layers)
     bottom = recipe.trainable_blocks is not None and recipe.trainable_at == "bottom"
-    embeddings_train = recipe.trainable_blocks is None
-    g_norm = 0 if bottom else d.hidden * grad_bytes  # the final norm trains unless only the bottom does
-    block_act = block_activation_bytes(d, n, a)
+    embeddings_train = recipe.trainable_blocks is None and not lora
+    g_norm = 0 if bottom or lora else d.hidden * grad_bytes  # the final norm trains unless only the bottom does
+    block_act = lora_block_activation_bytes(d, n, recipe, a) if lora else block_activation_bytes(d, n, a)
     saved_input = n * d.hidden * a  # what a checkpointed block keeps: its input
     # The path of backpropagation, top to bottom: (trainable?, what the block saves in the forward).
     path = [(False, frozen_block_activation_bytes(d, n, a))] * (d.layers - k if bottom and k else 0)
     path += [(True, block_act)] * k
+    if lora:
+        path[-1] = (True, block_act - _lora_block0_unsaved(d, n, recipe, a))
     saved = [saved_input if recipe.gradient_checkpointing else act for _, act in path]
-    head_act = 3 * n * d.hidden * a  # embedding output, final norm (2 tensors)
-    g_block = d.block_params * grad_bytes
+    # The embedding output, the final norm's input and output; with LoRA (frozen norm and lm_head) only its input.
+    head_act = (1 if lora else 3) * n * d.hidden * a
+    g_block = (d.lora_params(recipe.lora_rank, recipe.lora_targets) if lora else d.block_params) * grad_bytes
     g_head = d.embedding_params * grad_bytes if embeddings_train else 0  # tied lm_head / embedding
 
     phases = {}
@@ -248,8 +322,12 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     # 4. Optimizer step with every gradient present. PyTorch's default AdamW on CPU runs parameter by
     #    parameter: sqrt(v) and the bias-corrected denominator of the largest tensor are alive at once.
     #    On CUDA the default foreach path builds them for all parameters together.
-    largest = max(d.embedding_params if embeddings_train else 0,
-                  max(o * i for o, i in d.linear_shapes()), d.hidden) * grad_bytes
+    if lora:
+        largest = max(recipe.lora_rank * max(o, i) for name, (o, i) in zip(LINEAR_NAMES, d.linear_shapes(),
+                                                                            strict=True) if name in recipe.lora_targets)
+    else:
+        largest = max(d.embedding_params if embeddings_train else 0, max(o * i for o, i in d.linear_shapes()), d.hidden)
+    largest *= grad_bytes
     if recipe.optimizer in ("adamw", "adam"):
         tmp = p_train * grad_bytes if recipe.device == "cuda" else 2 * largest
     else:

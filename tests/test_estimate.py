@@ -125,3 +125,50 @@ def test_training_the_bottom_blocks_within_10_percent(b, t, optimizer):
     assert predict(model.config, big).activations > predict(model.config, big.but(trainable_at="top")).activations
     with pytest.raises(ValueError, match="choose one of"):
         Recipe(trainable_at="middle")
+
+
+LORA_CASES = [  # (targets, rank, dropout, checkpointing, batch, seq)
+    ("all-linear", 8, 0.0, False, 2, 32), (("q_proj", "v_proj"), 4, 0.0, False, 4, 16),
+    ("all-linear", 8, 0.05, False, 2, 32), ("all-linear", 16, 0.0, True, 2, 32),
+    (("o_proj", "down_proj"), 2, 0.1, False, 1, 64), (("gate_proj", "up_proj", "down_proj"), 8, 0.0, False, 8, 8),
+    (("o_proj",), 4, 0.0, False, 4, 16)]
+
+
+@pytest.mark.parametrize("targets,r,dropout,ckpt,b,t", LORA_CASES)
+def test_lora_recipes_within_2_percent_on_tiny_model(targets, r, dropout, ckpt, b, t):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(num_hidden_layers=4, vocab_size=1000),
+                           LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets,
+                                      task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    recipe = Recipe(batch_size=b, seq_len=t, lora_rank=r, lora_targets=targets, lora_dropout=dropout,
+                    gradient_checkpointing=ckpt)
+    assert trainable_params(model.config, recipe) == sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(3, 1000, (b, t), generator=torch.Generator().manual_seed(4))
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_checkpointing=ckpt)
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, recipe)
+    assert (predicted.weights, predicted.optimizer) == (measured.weights, measured.optimizer)
+    assert abs(predicted.peak / measured.peak - 1) < 0.02, compare(predicted, measured)
+    assert abs(predicted.activations / measured.activations - 1) < 0.05, compare(predicted, measured)
+
+
+def test_lora_recipe_arithmetic_and_mistakes():
+    d = Dims.of(tiny_config())
+    q_only = Recipe(lora_rank=4, lora_targets="q_proj")
+    assert q_only.lora_targets == ("q_proj",)
+    assert trainable_params(d, q_only) == d.layers * 4 * (d.hidden + d.q_dim)
+    assert Recipe(lora_rank=4, lora_targets="all-linear").lora_targets == Recipe(lora_rank=4).lora_targets
+    assert trainable_params(d, Recipe(lora_rank=8)) == 2 * trainable_params(d, Recipe(lora_rank=4))
+    more = predict(d, Recipe(lora_rank=4, lora_dropout=0.1, batch_size=4)).activations
+    assert more > predict(d, Recipe(lora_rank=4, batch_size=4)).activations
+    with pytest.raises(ValueError, match="choose among"):
+        Recipe(lora_rank=4, lora_targets=("q_proj", "qkv"))
+    with pytest.raises(ValueError, match="whole number"):
+        Recipe(lora_rank=-1)
+    with pytest.raises(ValueError, match="not both"):
+        Recipe(lora_rank=4, trainable_blocks=2)
+    predict(d, Recipe(lora_rank=4, weights="nf4"))  # a quantized base trains through adapters (QLoRA)

@@ -5,4 +5,5 @@ from . import (
     lesson01,  # noqa: F401
     lesson02,  # noqa: F401
     lesson03,  # noqa: F401
+    lesson04,  # noqa: F401
 )
