@@ -59,10 +59,13 @@ class Dims:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def named_linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``linear_shapes`` by module name: {"q_proj": (out, in), ...}."""
+        return dict(zip(LINEAR_NAMES, self.linear_shapes(), strict=True))
+
     def lora_params(self, rank: int, targets=LINEAR_NAMES) -> int:
         """Adapter parameters in one block: r x (in + out) for each targeted linear layer (A is r x in, B out x r)."""
-        return sum(rank * (o + i) for name, (o, i) in zip(LINEAR_NAMES, self.linear_shapes(), strict=True)
-                   if name in targets)
+        return sum(rank * (o + i) for name, (o, i) in self.named_linear_shapes().items() if name in targets)
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(out_features, in_features) of the linear layers in one decoder block."""
@@ -173,7 +176,8 @@ def weight_bytes(config, recipe: Recipe = Recipe()) -> int:
 
 def lora_bytes(config, recipe: Recipe) -> int:
     """The adapters' weights: fp32 (peft's default, whatever the base model's dtype)."""
-    return Dims.of(config).layers * Dims.of(config).lora_params(recipe.lora_rank, recipe.lora_targets) * 4
+    d = Dims.of(config)
+    return d.layers * d.lora_params(recipe.lora_rank, recipe.lora_targets) * 4
 
 
 def trainable_params(config, recipe: Recipe = Recipe()) -> int:
@@ -236,8 +240,8 @@ def lora_block_activation_bytes(config, tokens: int, recipe: Recipe, act_bytes: 
     targets = recipe.lora_targets
     per_token = len(targets) * recipe.lora_rank * act_bytes
     if recipe.lora_dropout > 0:
-        inputs = {name: i for name, (_, i) in zip(LINEAR_NAMES, d.linear_shapes(), strict=True)}
-        per_token += sum(inputs[t] * 2 * act_bytes for t in targets)
+        shapes = d.named_linear_shapes()
+        per_token += sum(shapes[t][1] * 2 * act_bytes for t in targets)  # in_features of each adapted layer
     else:
         kept = [d.hidden if {"q_proj", "k_proj", "v_proj"} & set(targets) else 0,
                 d.hidden if {"gate_proj", "up_proj"} & set(targets) else 0,
@@ -323,8 +327,8 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     #    parameter: sqrt(v) and the bias-corrected denominator of the largest tensor are alive at once.
     #    On CUDA the default foreach path builds them for all parameters together.
     if lora:
-        largest = max(recipe.lora_rank * max(o, i) for name, (o, i) in zip(LINEAR_NAMES, d.linear_shapes(),
-                                                                            strict=True) if name in recipe.lora_targets)
+        shapes = d.named_linear_shapes()
+        largest = max(recipe.lora_rank * max(shapes[t]) for t in recipe.lora_targets)
     else:
         largest = max(d.embedding_params if embeddings_train else 0, max(o * i for o, i in d.linear_shapes()), d.hidden)
     largest *= grad_bytes

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from ..checks import as_number, close, exercise, ratio_hint
-from ..estimate import LINEAR_NAMES, Dims
+from ..estimate import Dims
 
 LESSON = "04_lora"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _shapes(d: Dims) -> dict[str, tuple[int, int]]:
-    return dict(zip(LINEAR_NAMES, d.linear_shapes(), strict=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -23,7 +19,7 @@ def lora_param_count(answer, dims=None, rank: int = 8, targets=("q_proj", "v_pro
         return False, "run the cells above first: the check needs the model's shapes (pass dims=dims)."
     d = Dims.of(dims)
     value = as_number(answer, "a number of parameters")
-    shapes = _shapes(d)
+    shapes = d.named_linear_shapes()
     want = d.layers * d.lora_params(rank, targets)
     if close(value, want, 1e-6):
         per = ", ".join(f"{t} {rank} x ({shapes[t][1]} + {shapes[t][0]})" for t in targets)
