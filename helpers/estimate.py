@@ -3,6 +3,8 @@
     predict(config, Recipe(batch_size=4, seq_len=128))                  # fp32 AdamW full fine-tune
     predict(config, Recipe(training=False, weights="nf4"))               # 4-bit inference
     predict(config, Recipe(lora_rank=16, lora_targets=("q_proj", "v_proj")))   # LoRA adapters only
+    predict(config, Recipe(weights="nf4", double_quant=True, lora_rank=16, lora_targets="all-linear",
+                           gradient_checkpointing=True, optimizer="paged_adamw8bit"))   # QLoRA
 
 The prediction uses the same categories as ``helpers.memory`` and the same moment: the peak of one
 steady-state training step (optimizer state already allocated, gradients freed by
@@ -21,6 +23,12 @@ from .memory import CATEGORIES, MemoryReport
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 QUANTIZED = ("int8", "nf4", "fp4")
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "sgd_momentum": 4, "sgd_plain": 0, "none": 0}
+# bitsandbytes' 8-bit AdamW (paged or not): two uint8 moments per parameter, each with one fp32 absmax per
+# block of 256; tensors under 4,096 elements keep two fp32 moments. Paging changes where the state lives
+# (CUDA unified memory, evicted to CPU RAM under pressure), not its size; on the CPU it is not paged at all.
+EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256
+BNB_QMAPS = 2 * 256 * 4  # the two 256-entry fp32 code tables, shared by every parameter
 # The linear layers of a Llama-style block, in the order of ``Dims.linear_shapes``, by their module names.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -101,7 +109,8 @@ class Recipe:
     weights: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
     double_quant: bool = False  # 4-bit only: quantize the quantization constants too
     unquantized: str = "fp32"  # dtype bitsandbytes leaves embeddings, norms and lm_head in
-    optimizer: str = "adamw"  # adamw | sgd (with momentum) | sgd_plain | none
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | sgd (with momentum) | sgd_plain | none
+    state_dtype: str | None = None  # the moments' dtype; None: the trainable parameters' own (PyTorch's default)
     trainable_blocks: int | None = None  # None: everything; k: only the last k blocks + final norm
     trainable_at: str = "top"  # with trainable_blocks=k: "top" (last k + final norm) or "bottom" (first k only)
     gradient_checkpointing: bool = False
@@ -130,9 +139,11 @@ class Recipe:
             raise ValueError(f"Recipe(weights={self.weights!r}): choose one of {', '.join(formats)}")
         if self.unquantized not in BYTES:
             raise ValueError(f"Recipe(unquantized={self.unquantized!r}): choose one of {', '.join(BYTES)}")
-        if self.optimizer not in OPTIMIZER_STATE_BYTES:
+        if self.optimizer not in (*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS):
             raise ValueError(f"Recipe(optimizer={self.optimizer!r}): choose one of "
-                             f"{', '.join(OPTIMIZER_STATE_BYTES)}")
+                             f"{', '.join((*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS))}")
+        if self.state_dtype is not None and self.state_dtype not in BYTES:
+            raise ValueError(f"Recipe(state_dtype={self.state_dtype!r}): None or one of {', '.join(BYTES)}")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
@@ -190,6 +201,40 @@ def trainable_params(config, recipe: Recipe = Recipe()) -> int:
         return d.params
     final_norm = d.hidden if recipe.trainable_at == "top" else 0
     return min(recipe.trainable_blocks, d.layers) * d.block_params + final_norm
+
+
+def trainable_tensor_sizes(config, recipe: Recipe = Recipe()) -> list[int]:
+    """The number of elements of every trainable tensor (what per-tensor optimizer rules need)."""
+    d = Dims.of(config)
+    if not recipe.training:
+        return []
+    if recipe.lora_rank:
+        shapes = d.named_linear_shapes()
+        per_block = [recipe.lora_rank * n for t in recipe.lora_targets for n in (shapes[t][1], shapes[t][0])]
+        return per_block * d.layers  # A (r x in) and B (out x r) of each adapter
+    block = [o * i for o, i in d.linear_shapes()] + [d.hidden, d.hidden]
+    if recipe.trainable_blocks is None:
+        head = [] if d.tied else [d.embedding_params]
+        return block * d.layers + [d.embedding_params, d.hidden] + head
+    final_norm = [d.hidden] if recipe.trainable_at == "top" else []
+    return block * min(recipe.trainable_blocks, d.layers) + final_norm
+
+
+def optimizer_state_bytes(config, recipe: Recipe = Recipe()) -> int:
+    """Optimizer state once allocated (after the first step): moments, plus Adam's fp32 step counter per
+    tensor in PyTorch; bitsandbytes' 8-bit AdamW as described at ``EIGHT_BIT_OPTIMIZERS``."""
+    d = Dims.of(config)
+    sizes = trainable_tensor_sizes(d, recipe)
+    if recipe.optimizer in EIGHT_BIT_OPTIMIZERS:
+        small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
+        large = [n for n in sizes if n >= BNB_MIN_8BIT_SIZE]
+        return 8 * small + sum(2 * n + 2 * 4 * -(-n // BNB_BLOCK) for n in large) + (BNB_QMAPS if large else 0)
+    param_bytes = 4 if recipe.weights in QUANTIZED or recipe.lora_rank else BYTES[recipe.weights]
+    moment_bytes = BYTES[recipe.state_dtype] if recipe.state_dtype else param_bytes
+    state = sum(sizes) * OPTIMIZER_STATE_BYTES[recipe.optimizer] // 4 * moment_bytes
+    if recipe.optimizer in ("adamw", "adam"):
+        state += 4 * len(sizes)
+    return state
 
 
 def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
@@ -282,10 +327,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
 
     p_train = trainable_params(d, recipe)
     grad_bytes = 4 if recipe.weights in QUANTIZED or recipe.lora_rank else BYTES[recipe.weights]
-    # Moments are kept in the parameters' dtype; Adam also keeps a 4-byte step counter per tensor.
-    state = p_train * OPTIMIZER_STATE_BYTES[recipe.optimizer] * grad_bytes // 4
-    if recipe.optimizer in ("adamw", "adam"):
-        state += 4 * trainable_tensors(d, recipe)
+    state = optimizer_state_bytes(d, recipe)
 
     # Which blocks backpropagation runs through: down to the lowest trainable one (all of them if the
     # embeddings train). Training the first k blocks runs it through the frozen ones above them too.
@@ -332,7 +374,9 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     else:
         largest = max(d.embedding_params if embeddings_train else 0, max(o * i for o, i in d.linear_shapes()), d.hidden)
     largest *= grad_bytes
-    if recipe.optimizer in ("adamw", "adam"):
+    if recipe.optimizer in EIGHT_BIT_OPTIMIZERS:  # one tensor's moments dequantized to fp32 (not measured yet)
+        tmp = 2 * largest * 4 // grad_bytes
+    elif recipe.optimizer in ("adamw", "adam"):
         tmp = p_train * grad_bytes if recipe.device == "cuda" else 2 * largest
     else:
         tmp = 0

@@ -99,12 +99,13 @@ def evaluate_perplexity(model, corpus: Corpus, max_chunks: int = 16) -> float:
 
 
 def fine_tune(model, corpus: Corpus, steps: int, lr: float, batch_size: int = 2, seq_len: int = 128,
-              eval_chunks: int = 16, evaluate_before: bool = True) -> dict:
-    """Evaluate, train ``steps`` steps with ``Trainer``, evaluate again. Returns a dict with
+              eval_chunks: int = 16, evaluate_before: bool = True, **training_overrides) -> dict:
+    """Evaluate, train ``steps`` steps with ``Trainer``, evaluate again (``training_overrides`` go to
+    ``TrainingArguments``, e.g. ``optim="paged_adamw_8bit"``). Returns a dict with
     ``ppl_before`` (None with ``evaluate_before=False``), ``ppl_after``, ``losses`` (training loss per
     logged step) and ``seconds_per_step``."""
     timer = StepTimer()
-    trainer = Trainer(model=model, args=training_arguments(steps, lr, batch_size),
+    trainer = Trainer(model=model, args=training_arguments(steps, lr, batch_size, **training_overrides),
                       train_dataset=TrainChunks(corpus, batch_size, seq_len, steps),
                       eval_dataset=HeldOutChunks(corpus, eval_chunks), callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # the caller prints what matters

@@ -124,6 +124,17 @@ def _tensors_in(obj):
             stack.extend(vars(x).values())  # QuantState (absmax, code, nested state2), MatmulLtState
 
 
+def tensor_bytes(obj) -> int:
+    """Exact bytes of the distinct tensor storages inside ``obj`` (nested containers, bitsandbytes states),
+    each counted once: ``tensor_bytes(optimizer.state)`` is the optimizer state, shared tables included once."""
+    storages = {}
+    for t in _tensors_in(obj):
+        key, storage = _storage_key(t)
+        if key is not None:
+            storages[key] = storage.nbytes()
+    return sum(storages.values())
+
+
 def weight_tensors(model: torch.nn.Module):
     """Parameters, buffers and the quantization constants bitsandbytes keeps beside its weights."""
     for p in model.parameters():

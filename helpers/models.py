@@ -289,6 +289,23 @@ def load_tokenizer(name: str | None = None):
 # ------------------------------------------------------------------------------------------------
 # Tiny random models of the same architecture: for fast unit tests only, never for lessons.
 # ------------------------------------------------------------------------------------------------
+REFERENCE_CONFIGS = Path(__file__).parent / "model_configs"  # shapes of well-known models, shipped: no download
+
+
+def reference_config(name: str):
+    """The transformers config of a well-known model shipped in helpers/model_configs ("llama-7b",
+    "llama-13b", "llama-65b"): enough to predict its memory, no weights and no download."""
+    from transformers import AutoConfig
+
+    path = REFERENCE_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in REFERENCE_CONFIGS.glob("*.json")))
+        raise ValueError(f"no shipped config called {name!r}; known: {known}")
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings.pop("_comment", None)
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
 def tiny_config(**overrides):
     """A LlamaConfig shaped like the course model, small enough for a unit test (random weights)."""
     from transformers import LlamaConfig

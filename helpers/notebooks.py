@@ -14,9 +14,11 @@ region and clears every output. The first code cell of every notebook is the cou
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -82,6 +84,60 @@ def solution_regions(nb, name: str = "notebook") -> list[tuple[int, str]]:
 def exercise_cells(nb, name: str = "notebook") -> list[int]:
     """Indices of the code cells that contain a solution region (the exercises students fill in)."""
     return sorted({index for index, _ in solution_regions(nb, name) if nb.cells[index].cell_type == "code"})
+
+
+def _statements_run_by_the_cell(body):
+    """The statements a region runs itself: into if/for/while/with/try, not into def, class or lambda."""
+    for node in body:
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from _statements_run_by_the_cell(getattr(node, field, []))
+
+
+def solution_side_effects(nb, name: str = "notebook") -> list[str]:
+    """What a code solution region does besides binding names, which the student version would not do.
+
+    A student notebook replaces each region by a stub, so the cells after it must not depend on anything
+    the region did: the names it binds are checked by ``ruff --select F821`` on the student notebook
+    (undefined there), and this checks the rest: a region must not change objects that exist outside it
+    (``model.x = ...``, ``d[k] = ...``, ``x += ...`` on an outer name, ``del``) or call a method for its
+    effect (``model.requires_grad_(False)``, ``torch.manual_seed(0)``). Functions it defines may do
+    anything: they run only when called.
+    """
+    problems = []
+    for index, text in solution_regions(nb, name):
+        if nb.cells[index].cell_type != "code":
+            continue
+        where = _where(name, index, nb.cells[index])
+        try:
+            tree = ast.parse(textwrap.dedent(text))
+        except SyntaxError as err:
+            problems.append(f"{where}: the solution does not parse ({err.msg}, line {err.lineno})")
+            continue
+        bound = set()
+        for node in _statements_run_by_the_cell(tree.body):
+            line = f"{where}, solution line {getattr(node, 'lineno', '?')}"
+            targets = {ast.Assign: lambda n: n.targets, ast.AnnAssign: lambda n: [n.target],
+                       ast.AugAssign: lambda n: [n.target], ast.Delete: lambda n: n.targets}
+            for target in targets.get(type(node), lambda n: [])(node):
+                for part in ast.walk(target):
+                    if isinstance(part, (ast.Attribute, ast.Subscript)):
+                        problems.append(f"{line}: changes an object in place ({ast.unparse(target)})")
+                        break
+            if isinstance(node, ast.Delete):
+                problems.append(f"{line}: deletes {', '.join(ast.unparse(t) for t in node.targets)}")
+            if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and node.target.id not in bound:
+                problems.append(f"{line}: updates {node.target.id}, which exists outside the solution, in place")
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and isinstance(node.value.func,
+                                                                                               ast.Attribute):
+                problems.append(f"{line}: calls {ast.unparse(node.value.func)}() for its effect")
+            for part in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []:
+                if isinstance(part, ast.Name) and isinstance(part.ctx, ast.Store):
+                    bound.add(part.id)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound.add(node.name)
+    return problems
 
 
 def _is_setup_or_placeholder(source: str) -> bool:

@@ -66,3 +66,15 @@ def set_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
+
+
+def measure_step(model, batch: dict, optimizer_class=torch.optim.AdamW, gradient_checkpointing: bool = False):
+    """One steady-state training step of ``model``'s trainable parameters, measured by category: an
+    optimizer of ``optimizer_class`` with lr=0 (the weights do not move), a warm-up step that allocates its
+    state, then ``helpers.memory.measure`` of the next step."""
+    from .memory import measure
+
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    step = make_train_step(model, optimizer, batch, gradient_checkpointing=gradient_checkpointing)
+    step()
+    return measure(step, model=model, optimizer=optimizer)

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from helpers.estimate import Dims, Recipe, compare, predict, trainable_params, weight_bytes
+from helpers.estimate import (
+    Dims,
+    Recipe,
+    compare,
+    optimizer_state_bytes,
+    predict,
+    trainable_params,
+    trainable_tensor_sizes,
+    trainable_tensors,
+    weight_bytes,
+)
 from helpers.memory import measure
 from helpers.models import tiny_config, tiny_model
 from helpers.train import make_forward, make_train_step
@@ -172,3 +182,61 @@ def test_lora_recipe_arithmetic_and_mistakes():
     with pytest.raises(ValueError, match="not both"):
         Recipe(lora_rank=4, trainable_blocks=2)
     predict(d, Recipe(lora_rank=4, weights="nf4"))  # a quantized base trains through adapters (QLoRA)
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(), Recipe(trainable_blocks=2), Recipe(trainable_blocks=1, trainable_at="bottom"), Recipe(lora_rank=4),
+    Recipe(lora_rank=2, lora_targets=("k_proj", "down_proj")), Recipe(training=False)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_tensor_sizes_agree_with_the_counts(recipe, tied):
+    d = Dims.of(tiny_config(tie_word_embeddings=tied))
+    sizes = trainable_tensor_sizes(d, recipe)
+    assert (sum(sizes), len(sizes)) == (trainable_params(d, recipe), trainable_tensors(d, recipe))
+
+
+def test_optimizer_state_arithmetic():
+    d = Dims.of(tiny_config())
+    n, tensors = d.params, trainable_tensors(d, Recipe())
+    assert optimizer_state_bytes(d, Recipe(weights="bf16")) == 4 * n + 4 * tensors  # bf16 moments, as PyTorch keeps
+    # The QLoRA paper's "16-bit fine-tuning": 16-bit weights and gradients, fp32 Adam moments, 12 bytes a parameter.
+    sixteen = predict(d, Recipe(weights="bf16", state_dtype="fp32"))
+    assert sixteen.optimizer == 8 * n + 4 * tensors and sixteen.weights + 2 * n + sixteen.optimizer > 12 * n
+    lora = Recipe(lora_rank=64, optimizer="adamw8bit")
+    sizes = trainable_tensor_sizes(d, lora)
+    small, large = [s for s in sizes if s < 4096], [s for s in sizes if s >= 4096]
+    assert small and large  # k/v_proj's B (32 x 64) stays 32-bit; A (64 x 64) goes 8-bit
+    assert optimizer_state_bytes(d, lora) == 8 * sum(small) + sum(2 * s + 8 * -(-s // 256) for s in large) + 2048
+    assert optimizer_state_bytes(d, lora.but(optimizer="paged_adamw8bit")) == optimizer_state_bytes(d, lora)
+    with pytest.raises(ValueError, match="state_dtype"):
+        Recipe(state_dtype="fp8")
+
+
+@pytest.mark.parametrize("optimizer,ckpt", [("adamw", True), ("adamw8bit", True), ("paged_adamw8bit", False)])
+def test_qlora_recipe_within_2_percent_on_tiny_model(tmp_path, optimizer, ckpt):
+    """A tiny model in nf4 with double quantization, prepared for k-bit training, LoRA r=64 on every linear
+    layer: the same recipe as lesson 05, measured against the estimator."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from helpers.models import load_model
+
+    tiny_model(num_hidden_layers=2, vocab_size=1000).save_pretrained(tmp_path)
+    base = load_model(str(tmp_path), dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)  # upcasts the rest to fp32
+    model = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    make = {"adamw": torch.optim.AdamW, "adamw8bit": bnb.optim.AdamW8bit,
+            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[optimizer]
+    opt = make(trainable, lr=1e-4)
+    ids = torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(4))
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_checkpointing=ckpt)
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    recipe = Recipe(batch_size=2, seq_len=32, weights="nf4", double_quant=True, lora_rank=64, lora_targets="all-linear",
+                    optimizer=optimizer, gradient_checkpointing=ckpt)
+    predicted = predict(model.config, recipe)
+    assert (predicted.weights, predicted.optimizer) == (measured.weights, measured.optimizer)
+    assert abs(predicted.peak / measured.peak - 1) < 0.02, compare(predicted, measured)

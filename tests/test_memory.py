@@ -168,3 +168,12 @@ def test_turning_checkpointing_off_leaves_no_trace():
         make_train_step(toggled, torch.optim.SGD(toggled.parameters(), lr=0.0), batch(toggled),
                         gradient_checkpointing=True)
     assert frozen_bottom_activations(toggled) == fresh
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    from helpers.memory import tensor_bytes
+
+    a = torch.zeros(10, 4)
+    state = {"m": a, "view": a[:5], "again": [a], "b": torch.zeros(3, dtype=torch.uint8), "n": 7}
+    assert tensor_bytes(state) == 10 * 4 * 4 + 3
+    assert tensor_bytes({}) == 0

@@ -100,3 +100,24 @@ def test_corrupt_cache_is_detected_and_rebuilt(fake_gguf, capsys):
     assert "corrupt" in models.checkpoint_problem(folder)
     (folder / models.MANIFEST).unlink()
     assert "manifest" in models.checkpoint_problem(folder)
+
+
+@pytest.mark.parametrize("name,billions", [("llama-7b", 6.74), ("llama-13b", 13.02), ("llama-65b", 65.29)])
+def test_reference_configs_have_the_published_sizes(name, billions):
+    from transformers import AutoModelForCausalLM
+
+    from helpers.estimate import Dims
+    from helpers.models import reference_config
+
+    config = reference_config(name)
+    with torch.device("meta"):  # shapes only: no memory, no download
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == Dims.of(config).params and round(n / 1e9, 2) == billions
+
+
+def test_an_unknown_reference_config_names_the_known_ones():
+    from helpers.models import reference_config
+
+    with pytest.raises(ValueError, match="llama-13b"):
+        reference_config("llama-70b")

@@ -6,4 +6,5 @@ from . import (
     lesson02,  # noqa: F401
     lesson03,  # noqa: F401
     lesson04,  # noqa: F401
+    lesson05,  # noqa: F401
 )
