@@ -71,6 +71,10 @@ def test_the_budget_check_accepts_any_good_answer_and_the_best(dims):
     assert run_check("lora_under_budget", lora(best_r, list(best_targets)), **context).passed
     assert run_check("lora_under_budget", lora(24, list(LINEAR_NAMES)), **context).passed  # a list, not the string
     assert run_check("lora_under_budget", lora(25), **context).status == FAIL            # one rank over
+    plain = QLORA.but(gradient_checkpointing=False)  # without checkpointing dropout's copies add to the peak
+    context = {"dims": dims, "recipe": plain, "budget": predict(dims, plain.but(lora_rank=24)).peak}
+    with_dropout = run_check("lora_under_budget", lora(24, lora_dropout=0.1), **context)
+    assert with_dropout.status == FAIL and "lora_dropout" in with_dropout.message
     assert best_n >= trainable_params(dims, QLORA.but(lora_rank=24))
 
 

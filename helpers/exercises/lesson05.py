@@ -116,14 +116,16 @@ def lora_under_budget(answer, dims=None, recipe: Recipe | None = None, budget: i
     if not targets or unknown:
         return False, (f"target_modules {unknown or targets!r}: choose among {list(LINEAR_NAMES)} or 'all-linear' "
                        "(these are the Llama module names).")
-    mine = recipe.but(lora_rank=answer.r, lora_targets=targets)
+    mine = recipe.but(lora_rank=answer.r, lora_targets=targets, lora_dropout=answer.lora_dropout or 0.0)
     peak, n = predict(dims, mine).peak, trainable_params(dims, mine)
     best_n, best_r, best_targets = most_trainable(dims, recipe, budget)
     gib = 2 ** 30
     if peak > budget:
         return False, (f"r={answer.r} on {len(mine.lora_targets)} layer type(s) is predicted to peak at "
                        f"{peak / gib:.2f} GiB, over the {budget / gib:.2f} GiB budget: lower the rank or adapt "
-                       "fewer layers (predict(dims, recipe.but(lora_rank=..., lora_targets=...)) tells you).")
+                       "fewer layers (predict(dims, recipe.but(lora_rank=..., lora_targets=...)) tells you)"
+                       + (f"; lora_dropout={answer.lora_dropout} also keeps a dropped-out copy of each adapter's "
+                          "input" if answer.lora_dropout else "") + ".")
     if n < 0.9 * best_n:
         return False, (f"r={answer.r} fits ({peak / gib:.2f} GiB) with {n:,} trainable parameters, but "
                        f"{best_n:,} fit in the budget: raise the rank (each unit of rank on every linear layer "
