@@ -114,6 +114,7 @@ class Recipe:
     trainable_blocks: int | None = None  # None: everything; k: only the last k blocks + final norm
     trainable_at: str = "top"  # with trainable_blocks=k: "top" (last k + final norm) or "bottom" (first k only)
     gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1  # k > 1: k micro-batches of batch_size each, gradients summed, one step
     device: str = "cpu"  # cpu | cuda: PyTorch's default optimizer implementation differs
     lora_rank: int = 0  # > 0: train only LoRA adapters of this rank (peft); the base model is frozen
     lora_targets: tuple[str, ...] | str = LINEAR_NAMES  # module names, or "all-linear" as in LoraConfig
@@ -144,6 +145,9 @@ class Recipe:
                              f"{', '.join((*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS))}")
         if self.state_dtype is not None and self.state_dtype not in BYTES:
             raise ValueError(f"Recipe(state_dtype={self.state_dtype!r}): None or one of {', '.join(BYTES)}")
+        steps = self.gradient_accumulation_steps
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"Recipe(gradient_accumulation_steps={steps!r}): a whole number, 1 for none")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
@@ -365,6 +369,18 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     # 3. End of backward: the embedding's gradient meets the lm_head's (tied weights) and their sum,
     #    a new tensor, becomes the .grad while both addends are still alive.
     phases["backward end"] = (k * g_block + g_norm + g_head, 2 * g_head)
+    # 3b. Gradient accumulation: from the second micro-batch on, every gradient of the first is alive through
+    #     the whole forward and backward. New gradients are added into .grad in place, so the extra is the
+    #     gradient being added (at most one block's), and at the end the tied embedding's two addends and
+    #     their sum before it is added.
+    if recipe.gradient_accumulation_steps > 1:
+        all_grads = p_train * grad_bytes
+        for phase, (_, acts) in list(phases.items()):
+            if phase.startswith("block"):
+                acts += g_block
+            elif phase == "backward end":
+                acts += g_head
+            phases[phase + ", accumulating"] = (all_grads, acts)
     # 4. Optimizer step with every gradient present. PyTorch's default AdamW on CPU runs parameter by
     #    parameter: sqrt(v) and the bias-corrected denominator of the largest tensor are alive at once.
     #    On CUDA the default foreach path builds them for all parameters together.

@@ -14,19 +14,31 @@ from __future__ import annotations
 import torch
 
 
-def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool = False):
-    """A closure running one optimizer step on ``batch``; returns the loss as a float."""
+def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool = False,
+                    accumulation_steps: int = 1):
+    """A closure running one optimizer step on ``batch``; returns the loss as a float.
+
+    With ``accumulation_steps=k`` the batch is split into k equal micro-batches along its first dimension;
+    each micro-batch's loss is divided by k and back-propagated, the gradients add up in ``.grad``, and
+    the optimizer steps once (equal micro-batches of unpadded tokens: lesson 07 shows when that is not enough).
+    """
     set_checkpointing(model, gradient_checkpointing)
     model.train()
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    rows = len(next(iter(batch.values())))
+    if accumulation_steps < 1 or rows % accumulation_steps:
+        raise ValueError(f"accumulation_steps={accumulation_steps} must divide the batch's {rows} rows")
+    micro = [{k: v[i::accumulation_steps].to(device) for k, v in batch.items()} for i in range(accumulation_steps)]
 
     def step() -> float:
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
+        total = 0.0
+        for part in micro:
+            loss = model(**part, use_cache=False).loss / accumulation_steps
+            loss.backward()
+            total += loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return total
 
     return step
 

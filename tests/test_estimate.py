@@ -240,3 +240,23 @@ def test_qlora_recipe_within_2_percent_on_tiny_model(tmp_path, optimizer, ckpt):
     predicted = predict(model.config, recipe)
     assert (predicted.weights, predicted.optimizer) == (measured.weights, measured.optimizer)
     assert abs(predicted.peak / measured.peak - 1) < 0.02, compare(predicted, measured)
+
+
+@pytest.mark.parametrize("b,t,k,ckpt,tied", [
+    (2, 32, 2, False, True), (8, 128, 2, False, False), (4, 16, 4, False, True), (1, 64, 4, True, True)])
+def test_gradient_accumulation_within_10_percent_on_tiny_model(b, t, k, ckpt, tied):
+    """k micro-batches of b: from the second on, every gradient of the first is alive through forward and backward."""
+    model = tiny_model(num_hidden_layers=4, tie_word_embeddings=tied)
+    ids = torch.randint(0, model.config.vocab_size, (b * k, t), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_checkpointing=ckpt,
+                           accumulation_steps=k)
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    recipe = Recipe(batch_size=b, seq_len=t, gradient_checkpointing=ckpt, gradient_accumulation_steps=k)
+    predicted = predict(model.config, recipe)
+    assert "accumulating" in predicted.result and predicted.gradients == measured.gradients
+    assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
+    assert predicted.peak > predict(model.config, recipe.but(gradient_accumulation_steps=1)).peak
+    with pytest.raises(ValueError, match="whole number"):
+        Recipe(gradient_accumulation_steps=0)

@@ -1,5 +1,6 @@
 """The meter is exact on cases whose answer is known from first principles."""
 
+import pytest
 import torch
 
 from helpers.memory import Meter, measure, weight_tensors
@@ -177,3 +178,19 @@ def test_tensor_bytes_counts_each_storage_once():
     state = {"m": a, "view": a[:5], "again": [a], "b": torch.zeros(3, dtype=torch.uint8), "n": 7}
     assert tensor_bytes(state) == 10 * 4 * 4 + 3
     assert tensor_bytes({}) == 0
+
+
+def test_accumulated_micro_batches_give_the_big_batch_update():
+    ids = torch.randint(3, 500, (4, 16), generator=torch.Generator().manual_seed(2))
+    updated = []
+    for k in (1, 2, 4):
+        model = tiny_model(seed=1)
+        step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), {"input_ids": ids, "labels": ids},
+                               accumulation_steps=k)
+        step()
+        updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(updated[0], torch.cat([p.flatten() for p in tiny_model(seed=1).parameters()]))
+    assert torch.allclose(updated[0], updated[1], atol=1e-6) and torch.allclose(updated[0], updated[2], atol=1e-6)
+    with pytest.raises(ValueError, match="must divide"):
+        make_train_step(tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=1.0), {"input_ids": ids},
+                        accumulation_steps=3)
