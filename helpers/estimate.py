@@ -94,6 +94,11 @@ class Dims:
         return self.vocab * self.hidden
 
     @property
+    def unquantized_params(self) -> int:
+        """What bitsandbytes leaves unquantized: the embedding (and an untied lm_head) and every RMSNorm."""
+        return self.embedding_params * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    @property
     def params(self) -> int:
         head = 0 if self.tied else self.embedding_params
         return self.layers * self.block_params + self.hidden + self.embedding_params + head
@@ -181,11 +186,8 @@ def weight_bytes(config, recipe: Recipe = Recipe()) -> int:
     """Parameters and quantization constants, as stored."""
     d = Dims.of(config)
     if recipe.weights in QUANTIZED:
-        other = BYTES[recipe.unquantized]
-        block = sum(_quantized_linear_bytes(o, i, recipe) for o, i in d.linear_shapes()) + 2 * d.hidden * other
-        # bitsandbytes leaves embeddings, lm_head and norms unquantized
-        rest = (d.hidden + d.embedding_params * (1 if d.tied else 2)) * other
-        return d.layers * block + rest + rotary_buffer_bytes(d)
+        linear = sum(_quantized_linear_bytes(o, i, recipe) for o, i in d.linear_shapes())
+        return d.layers * linear + d.unquantized_params * BYTES[recipe.unquantized] + rotary_buffer_bytes(d)
     return d.params * BYTES[recipe.weights] + rotary_buffer_bytes(d)
 
 
@@ -196,15 +198,12 @@ def lora_bytes(config, recipe: Recipe) -> int:
 
 
 def trainable_params(config, recipe: Recipe = Recipe()) -> int:
-    d = Dims.of(config)
-    if not recipe.training:
-        return 0
-    if recipe.lora_rank:
-        return d.layers * d.lora_params(recipe.lora_rank, recipe.lora_targets)
-    if recipe.trainable_blocks is None:
-        return d.params
-    final_norm = d.hidden if recipe.trainable_at == "top" else 0
-    return min(recipe.trainable_blocks, d.layers) * d.block_params + final_norm
+    return sum(trainable_tensor_sizes(config, recipe))
+
+
+def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
+    """How many parameter tensors train (each gets its own optimizer step counter)."""
+    return len(trainable_tensor_sizes(config, recipe))
 
 
 def trainable_tensor_sizes(config, recipe: Recipe = Recipe()) -> list[int]:
@@ -227,8 +226,7 @@ def trainable_tensor_sizes(config, recipe: Recipe = Recipe()) -> list[int]:
 def optimizer_state_bytes(config, recipe: Recipe = Recipe()) -> int:
     """Optimizer state once allocated (after the first step): moments, plus Adam's fp32 step counter per
     tensor in PyTorch; bitsandbytes' 8-bit AdamW as described at ``EIGHT_BIT_OPTIMIZERS``."""
-    d = Dims.of(config)
-    sizes = trainable_tensor_sizes(d, recipe)
+    sizes = trainable_tensor_sizes(config, recipe)
     if recipe.optimizer in EIGHT_BIT_OPTIMIZERS:
         small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
         large = [n for n in sizes if n >= BNB_MIN_8BIT_SIZE]
@@ -239,19 +237,6 @@ def optimizer_state_bytes(config, recipe: Recipe = Recipe()) -> int:
     if recipe.optimizer in ("adamw", "adam"):
         state += 4 * len(sizes)
     return state
-
-
-def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
-    """How many parameter tensors train (each gets its own optimizer step counter)."""
-    d = Dims.of(config)
-    if not recipe.training:
-        return 0
-    if recipe.lora_rank:
-        return d.layers * 2 * len(recipe.lora_targets)  # A and B per adapter
-    per_block = len(d.linear_shapes()) + 2
-    if recipe.trainable_blocks is None:
-        return d.layers * per_block + 2 + (0 if d.tied else 1)
-    return min(recipe.trainable_blocks, d.layers) * per_block + (1 if recipe.trainable_at == "top" else 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ def test_recipe_mistakes_get_a_clear_message():
         Recipe(weights="int4")
     with pytest.raises(ValueError, match="LoRA"):
         predict(tiny_config(), Recipe(weights="nf4"))
+    with pytest.raises(ValueError, match="whole number"):
+        Recipe(gradient_accumulation_steps=0)
 
 
 @pytest.mark.parametrize("optimizer,blocks", [("sgd_plain", None), ("sgd", None), ("adamw", 1), ("sgd", 2)])
@@ -184,14 +186,32 @@ def test_lora_recipe_arithmetic_and_mistakes():
     predict(d, Recipe(lora_rank=4, weights="nf4"))  # a quantized base trains through adapters (QLoRA)
 
 
+def _trainable_as_the_recipe_says(model, recipe):
+    """Freeze a real tiny model the way ``recipe`` describes (lessons 02 and 04 do the same)."""
+    from peft import LoraConfig, get_peft_model
+
+    if recipe.lora_rank:
+        return get_peft_model(model, LoraConfig(r=recipe.lora_rank, target_modules=list(recipe.lora_targets)))
+    model.requires_grad_(recipe.training and recipe.trainable_blocks is None)
+    if recipe.training and recipe.trainable_blocks is not None:
+        layers = model.model.layers
+        k = recipe.trainable_blocks
+        for block in (layers[len(layers) - k:] if recipe.trainable_at == "top" else layers[:k]):
+            block.requires_grad_(True)
+        model.model.norm.requires_grad_(recipe.trainable_at == "top")
+    return model
+
+
 @pytest.mark.parametrize("recipe", [
     Recipe(), Recipe(trainable_blocks=2), Recipe(trainable_blocks=1, trainable_at="bottom"), Recipe(lora_rank=4),
     Recipe(lora_rank=2, lora_targets=("k_proj", "down_proj")), Recipe(training=False)])
 @pytest.mark.parametrize("tied", [True, False])
-def test_trainable_tensor_sizes_agree_with_the_counts(recipe, tied):
-    d = Dims.of(tiny_config(tie_word_embeddings=tied))
-    sizes = trainable_tensor_sizes(d, recipe)
-    assert (sum(sizes), len(sizes)) == (trainable_params(d, recipe), trainable_tensors(d, recipe))
+def test_trainable_tensor_sizes_are_the_models(recipe, tied):
+    model = _trainable_as_the_recipe_says(tiny_model(tie_word_embeddings=tied), recipe)
+    real = sorted(p.numel() for p in model.parameters() if p.requires_grad)  # a tied weight is one parameter
+    sizes = trainable_tensor_sizes(model.config, recipe)
+    assert sorted(sizes) == real
+    assert (trainable_params(model.config, recipe), trainable_tensors(model.config, recipe)) == (sum(real), len(real))
 
 
 def test_optimizer_state_arithmetic():
@@ -258,5 +278,3 @@ def test_gradient_accumulation_within_10_percent_on_tiny_model(b, t, k, ckpt, ti
     assert "accumulating" in predicted.result and predicted.gradients == measured.gradients
     assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
     assert predicted.peak > predict(model.config, recipe.but(gradient_accumulation_steps=1)).peak
-    with pytest.raises(ValueError, match="whole number"):
-        Recipe(gradient_accumulation_steps=0)

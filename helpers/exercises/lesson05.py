@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from ..checks import as_number, close, exercise, human_bytes, ratio_hint
-from ..estimate import LINEAR_NAMES, Dims, Recipe, optimizer_state_bytes, predict, trainable_params
+from ..estimate import (
+    LINEAR_NAMES,
+    Dims,
+    Recipe,
+    optimizer_state_bytes,
+    predict,
+    trainable_params,
+    trainable_tensor_sizes,
+)
 
 LESSON = "05_qlora"
 
@@ -19,15 +27,15 @@ def kbit_upcast_bytes(answer, dims=None):
     d = Dims.of(dims)
     value = as_number(answer, "a number of bytes")
     embeddings = d.embedding_params * (1 if d.tied else 2)
-    norms = (2 * d.layers + 1) * d.hidden
-    want = 2 * (embeddings + norms)
+    norms = d.unquantized_params - embeddings
+    want = 2 * d.unquantized_params
     if close(value, want, 1e-6):
-        return True, (f"{want:,} bytes ({human_bytes(want)}): {embeddings + norms:,} unquantized parameters (the "
+        return True, (f"{want:,} bytes ({human_bytes(want)}): {d.unquantized_params:,} unquantized parameters (the "
                       f"embedding{'' if d.tied else 's and lm_head'} and {2 * d.layers + 1} norms) go from 2 to 4 "
                       "bytes each; the 4-bit weights are untouched.")
     tied_twice = 2 * (2 * d.embedding_params + norms)
     for wrong, hint in ((2 * embeddings, "the norms are upcast too: two per block and the final one."),
-                        (4 * (embeddings + norms), "that is their whole fp32 size; the question is what is *added* "
+                        (4 * d.unquantized_params, "that is their whole fp32 size; the question is what is *added* "
                                                    "(4 - 2 bytes each)."),
                         (2 * d.params, "the 4-bit linear weights stay 4-bit: only the unquantized parameters "
                                        "(embeddings and norms) are upcast."),
@@ -58,8 +66,7 @@ def adamw8bit_state_bytes(answer, dims=None, rank: int = 16, targets=LINEAR_NAME
         return True, (f"{want:,} bytes ({human_bytes(want)}) for {n:,} adapter parameters, "
                       f"{want / n:.2f} bytes each instead of AdamW's 8: two uint8 moments and an fp32 absmax per "
                       "256 values, except tensors under 4,096 values, which keep fp32 moments.")
-    shapes = d.named_linear_shapes()
-    sizes = [rank * s for t in targets for s in (shapes[t][1], shapes[t][0])] * d.layers
+    sizes = trainable_tensor_sizes(d, recipe)
     blockwise = sum(2 * s + 8 * -(-s // 256) for s in sizes)
     for wrong, hint in ((8 * n, "that is 32-bit AdamW (two fp32 moments); AdamW8bit stores each moment in one byte."),
                         (8 * n + 4 * len(sizes), "that is torch.optim.AdamW's state; AdamW8bit stores each moment "
