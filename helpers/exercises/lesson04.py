@@ -43,7 +43,7 @@ def lora_param_count(answer, dims=None, rank: int = 8, targets=("q_proj", "v_pro
                                     2.0: "that is twice the answer: is the rank or a layer counted twice?",
                                     0.5: "that is half the answer: a layer or a matrix is missing."}, rel=0.01)
     return False, f"you said {value:,.0f}. " + (hint or "per targeted layer: r x (in_features + out_features), "
-                                                "for every block; look at the shapes in `dims.linear_shapes()`.")
+                                                "for every block; look at the shapes in `dims.named_linear_shapes()`.")
 
 
 # ------------------------------------------------------------------------------------------------
