@@ -5,6 +5,8 @@
     predict(config, Recipe(lora_rank=16, lora_targets=("q_proj", "v_proj")))   # LoRA adapters only
     predict(config, Recipe(weights="nf4", double_quant=True, lora_rank=16, lora_targets="all-linear",
                            gradient_checkpointing=True, optimizer="paged_adamw8bit"))   # QLoRA
+    predict(config, Recipe(batch_size=8, autocast="bf16"))              # mixed precision, fp32 master weights
+    predict(config, Recipe(batch_size=2, gradient_accumulation_steps=4, optimizer="adafactor"))
 
 The prediction uses the same categories as ``helpers.memory`` and the same moment: the peak of one
 steady-state training step (optimizer state already allocated, gradients freed by
@@ -16,19 +18,26 @@ Llama-style decoder (SmolLM2, Llama, Mistral, Qwen2): nothing is fitted to measu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .memory import CATEGORIES, MemoryReport
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 QUANTIZED = ("int8", "nf4", "fp4")
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "sgd_momentum": 4, "sgd_plain": 0, "none": 0}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "sgd_momentum": 4, "sgd_plain": 0, "none": 0,
+                         "adafactor": 0}  # Adafactor: see ADAFACTOR
 # bitsandbytes' 8-bit AdamW (paged or not): two uint8 moments per parameter, each with one fp32 absmax per
 # block of 256; tensors under 4,096 elements keep two fp32 moments. Paging changes where the state lives
 # (CUDA unified memory, evicted to CPU RAM under pressure), not its size; on the CPU it is not paged at all.
 EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
 BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256
 BNB_QMAPS = 2 * 256 * 4  # the two 256-entry fp32 code tables, shared by every parameter
+# Adafactor as ``TrainingArguments(optim="adafactor")`` builds it (transformers' Adafactor, no first moment):
+# a matrix keeps one fp32 second-moment value per row and per column instead of one per element, a vector
+# keeps a full fp32 second moment; each tensor also keeps an fp32 RMS scalar. torch.optim.Adafactor stores
+# the same bytes (a step tensor instead of the RMS).
+ADAFACTOR = "adafactor"
 # The linear layers of a Llama-style block, in the order of ``Dims.linear_shapes``, by their module names.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -114,13 +123,14 @@ class Recipe:
     weights: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
     double_quant: bool = False  # 4-bit only: quantize the quantization constants too
     unquantized: str = "fp32"  # dtype bitsandbytes leaves embeddings, norms and lm_head in
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | sgd (with momentum) | sgd_plain | none
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | adafactor | sgd (momentum) | sgd_plain | none
     state_dtype: str | None = None  # the moments' dtype; None: the trainable parameters' own (PyTorch's default)
     trainable_blocks: int | None = None  # None: everything; k: only the last k blocks + final norm
     trainable_at: str = "top"  # with trainable_blocks=k: "top" (last k + final norm) or "bottom" (first k only)
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1  # k > 1: k micro-batches of batch_size each, gradients summed, one step
     device: str = "cpu"  # cpu | cuda: PyTorch's default optimizer implementation differs
+    autocast: str | None = None  # "bf16" | "fp16": the forward under torch.autocast, fp32 master weights (lesson 06)
     lora_rank: int = 0  # > 0: train only LoRA adapters of this rank (peft); the base model is frozen
     lora_targets: tuple[str, ...] | str = LINEAR_NAMES  # module names, or "all-linear" as in LoraConfig
     lora_dropout: float = 0.0  # > 0 makes each adapter keep its own dropped-out copy of its input
@@ -153,6 +163,12 @@ class Recipe:
         steps = self.gradient_accumulation_steps
         if int(steps) != steps or steps < 1:
             raise ValueError(f"Recipe(gradient_accumulation_steps={steps!r}): a whole number, 1 for none")
+        if self.autocast is not None:
+            if self.autocast not in ("bf16", "fp16"):
+                raise ValueError(f"Recipe(autocast={self.autocast!r}): None, 'bf16' or 'fp16'")
+            if self.weights != "fp32" or self.lora_rank or self.trainable_blocks is not None:
+                raise ValueError("Recipe(autocast=...): modelled for full training with fp32 (master) weights only; "
+                                 "16-bit weights without autocast are weights='bf16'")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
@@ -208,24 +224,34 @@ def trainable_tensors(config, recipe: Recipe = Recipe()) -> int:
 
 def trainable_tensor_sizes(config, recipe: Recipe = Recipe()) -> list[int]:
     """The number of elements of every trainable tensor (what per-tensor optimizer rules need)."""
+    return [math.prod(shape) for shape in trainable_tensor_shapes(config, recipe)]
+
+
+def trainable_tensor_shapes(config, recipe: Recipe = Recipe()) -> list[tuple[int, ...]]:
+    """The shape of every trainable tensor (Adafactor's factored state needs rows and columns)."""
     d = Dims.of(config)
     if not recipe.training:
         return []
     if recipe.lora_rank:
         shapes = d.named_linear_shapes()
-        per_block = [recipe.lora_rank * n for t in recipe.lora_targets for n in (shapes[t][1], shapes[t][0])]
+        r = recipe.lora_rank
+        per_block = [s for t in recipe.lora_targets for s in ((r, shapes[t][1]), (shapes[t][0], r))]
         return per_block * d.layers  # A (r x in) and B (out x r) of each adapter
-    block = [o * i for o, i in d.linear_shapes()] + [d.hidden, d.hidden]
+    block = list(d.linear_shapes()) + [(d.hidden,), (d.hidden,)]
     if recipe.trainable_blocks is None:
-        head = [] if d.tied else [d.embedding_params]
-        return block * d.layers + [d.embedding_params, d.hidden] + head
-    final_norm = [d.hidden] if recipe.trainable_at == "top" else []
+        head = [] if d.tied else [(d.vocab, d.hidden)]
+        return block * d.layers + [(d.vocab, d.hidden), (d.hidden,)] + head
+    final_norm = [(d.hidden,)] if recipe.trainable_at == "top" else []
     return block * min(recipe.trainable_blocks, d.layers) + final_norm
 
 
 def optimizer_state_bytes(config, recipe: Recipe = Recipe()) -> int:
     """Optimizer state once allocated (after the first step): moments, plus Adam's fp32 step counter per
-    tensor in PyTorch; bitsandbytes' 8-bit AdamW as described at ``EIGHT_BIT_OPTIMIZERS``."""
+    tensor in PyTorch; bitsandbytes' 8-bit AdamW as described at ``EIGHT_BIT_OPTIMIZERS``; Adafactor as
+    described at ``ADAFACTOR``."""
+    if recipe.optimizer == "adafactor":
+        return sum(4 * (shape[0] + shape[1] if len(shape) == 2 else math.prod(shape)) + 4
+                   for shape in trainable_tensor_shapes(config, recipe))
     sizes = trainable_tensor_sizes(config, recipe)
     if recipe.optimizer in EIGHT_BIT_OPTIMIZERS:
         small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
@@ -249,6 +275,19 @@ def block_activation_bytes(config, tokens: int, act_bytes: int = 4) -> int:
     the MLP keeps gate, up, silu(gate) and their product (4 x intermediate)."""
     d = Dims.of(config)
     per_token = (4 * d.hidden + 2 * d.hidden + 2 * d.q_dim + 2 * d.kv_dim + 4 * d.intermediate) * act_bytes
+    return tokens * (per_token + 4 * d.heads)
+
+
+def autocast_block_activation_bytes(config, tokens: int) -> int:
+    """What a decoder block saves for backward when its forward runs under 16-bit autocast with fp32 weights.
+    Autocast runs the linear layers in 16 bit and leaves the rest in the input's dtype: the residual stream
+    and the RMSNorms stay fp32 (Llama's norm upcasts), so each norm keeps its fp32 input and normalised
+    value, but its scaled output is kept only as the 16-bit copy each linear layer makes of its input, one
+    per layer (q, k, v read the first norm; gate and up the second). What the linear layers produce (q, k,
+    v, the attention output, the MLP's four intermediates) is 16-bit. Not counted here: the 16-bit copy of
+    each weight, which the block also keeps until its backward (``predict`` counts it)."""
+    d = Dims.of(config)
+    per_token = 4 * d.hidden * 4 + 5 * d.hidden * 2 + (2 * d.q_dim + 2 * d.kv_dim + 4 * d.intermediate) * 2
     return tokens * (per_token + 4 * d.heads)
 
 
@@ -325,30 +364,43 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     bottom = recipe.trainable_blocks is not None and recipe.trainable_at == "bottom"
     embeddings_train = recipe.trainable_blocks is None and not lora
     g_norm = 0 if bottom or lora else d.hidden * grad_bytes  # the final norm trains unless only the bottom does
-    block_act = lora_block_activation_bytes(d, n, recipe, a) if lora else block_activation_bytes(d, n, a)
+    amp = recipe.autocast is not None
+    if lora:
+        block_act = lora_block_activation_bytes(d, n, recipe, a)
+    else:
+        block_act = autocast_block_activation_bytes(d, n) if amp else block_activation_bytes(d, n, a)
+    # Autocast casts each fp32 weight to 16 bit once per forward and the graph keeps the copy until that
+    # layer's backward: a block's linear weights, and the lm_head's (the tied embedding's) copy.
+    copy = d.block_linear_params * 2 if amp else 0
+    head_copy = d.embedding_params * 2 if amp else 0
     saved_input = n * d.hidden * a  # what a checkpointed block keeps: its input
     # The path of backpropagation, top to bottom: (trainable?, what the block saves in the forward).
     path = [(False, frozen_block_activation_bytes(d, n, a))] * (d.layers - k if bottom and k else 0)
     path += [(True, block_act)] * k
     if lora:
         path[-1] = (True, block_act - _lora_block0_unsaved(d, n, recipe, a))
-    saved = [saved_input if recipe.gradient_checkpointing else act for _, act in path]
-    # The embedding output, the final norm's input and output; with LoRA (frozen norm and lm_head) only its input.
-    head_act = (1 if lora else 3) * n * d.hidden * a
+    ckpt = recipe.gradient_checkpointing
+    saved = [saved_input if ckpt else act + copy for _, act in path]
+    # The final norm's input, normalised value and output (under autocast: the output's 16-bit copy for the
+    # lm_head); with LoRA (frozen norm and lm_head) only its input.
+    head_act = n * d.hidden * (a if lora else 10 if amp else 3 * a)
     g_block = (d.lora_params(recipe.lora_rank, recipe.lora_targets) if lora else d.block_params) * grad_bytes
     g_head = d.embedding_params * grad_bytes if embeddings_train else 0  # tied lm_head / embedding
 
     phases = {}
     # 1. Start of backward: saved activations + log-softmax output, its gradient and the logits'.
-    phases["backward start"] = (0, sum(saved) + head_act + 3 * logits)
+    phases["backward start"] = (0, sum(saved) + head_act + head_copy + 3 * logits)
+    if amp and ckpt:  # autocast's cache keeps every weight copy until the forward leaves the autocast region
+        phases["forward end"] = (0, sum(saved) + head_act + head_copy + d.layers * copy + 2 * logits)
     # 2. Through the blocks, top to bottom: block j's activations (recomputed if checkpointed) are
     #    alive with those below it; gradients of the trainable blocks above have accumulated. The
     #    lm_head's gradient waits for the embedding's when they are tied.
     done = 0  # trainable blocks above the current one
+    act_bytes = 2 if amp else a  # what the MLP's intermediates (and so their gradients) are stored in
     for j, (trains, act) in enumerate(path):
         below = sum(saved[j + 1:])
-        current = act + (saved_input if recipe.gradient_checkpointing else 0)
-        transient = n * (2 * d.intermediate + d.hidden) * a  # gradients of the MLP's intermediates
+        current = act + copy + (saved_input if ckpt else 0)
+        transient = n * (2 * d.intermediate + d.hidden) * act_bytes  # gradients of the MLP's intermediates
         phases[f"block {len(path) - j}"] = (done * g_block + g_norm, below + current + transient + g_head + head_act)
         done += trains
     # 3. End of backward: the embedding's gradient meets the lm_head's (tied weights) and their sum,
@@ -375,10 +427,13 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     else:
         largest = max(d.embedding_params if embeddings_train else 0, max(o * i for o, i in d.linear_shapes()), d.hidden)
     largest *= grad_bytes
-    if recipe.optimizer in EIGHT_BIT_OPTIMIZERS:  # one tensor's moments dequantized to fp32 (not measured yet)
-        tmp = 2 * largest * 4 // grad_bytes
-    elif recipe.optimizer in ("adamw", "adam"):
+    # Measured per tensor on the CPU (tests/test_estimate.py): AdamW 2 x the tensor (above); transformers'
+    # Adafactor 2 x in fp32 (the squared gradient and its factored approximation); 8-bit AdamW and SGD update
+    # in place.
+    if recipe.optimizer in ("adamw", "adam"):
         tmp = p_train * grad_bytes if recipe.device == "cuda" else 2 * largest
+    elif recipe.optimizer == "adafactor":
+        tmp = 2 * largest * 4 // grad_bytes
     else:
         tmp = 0
     phases["optimizer step"] = (p_train * grad_bytes, tmp)

@@ -331,3 +331,35 @@ def time_it(fn, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"median": times[len(times) // 2], "min": times[0], "max": times[-1], "repeats": repeats}
+
+
+def _is_weight_cast(t: torch.Tensor) -> bool:
+    """Is ``t`` a cast of a parameter (what autocast makes of a weight), possibly transposed? Follows the
+    autograd graph: [TBackward0 ->] ToCopyBackward0 -> AccumulateGrad (a leaf that requires grad)."""
+    fn = t.grad_fn
+    if fn is not None and fn.name() == "TBackward0":
+        fn = fn.next_functions[0][0]
+    return (fn is not None and fn.name() == "ToCopyBackward0"
+            and type(fn.next_functions[0][0]).__name__ == "AccumulateGrad")
+
+
+def saved_for_backward(fn, model: torch.nn.Module) -> dict[str, int]:
+    """Bytes the autograd graph saves for backward while ``fn()`` runs (a forward pass), by kind and dtype:
+    {"activations, torch.float32": ..., "weight copies, torch.bfloat16": ...}. The model's own parameters and
+    buffers are not counted (they are weights); each storage is counted once however often it is saved."""
+    own = {_storage_key(t)[0] for t in weight_tensors(model)}
+    seen: dict = {}
+
+    def pack(t):
+        key = _storage_key(t)[0]
+        if key is not None and key not in own and key not in seen:
+            kind = "weight copies" if _is_weight_cast(t) else "activations"
+            seen[key] = (f"{kind}, {t.dtype}", t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    table: dict[str, int] = {}
+    for kind, nbytes in seen.values():
+        table[kind] = table.get(kind, 0) + nbytes
+    return dict(sorted(table.items()))

@@ -1,7 +1,9 @@
 """The estimator against the meter on a tiny model, and its bookkeeping against first principles."""
 
+import bitsandbytes as bnb
 import pytest
 import torch
+from transformers.optimization import Adafactor
 
 from helpers.estimate import (
     Dims,
@@ -10,13 +12,14 @@ from helpers.estimate import (
     optimizer_state_bytes,
     predict,
     trainable_params,
+    trainable_tensor_shapes,
     trainable_tensor_sizes,
     trainable_tensors,
     weight_bytes,
 )
 from helpers.memory import measure
 from helpers.models import tiny_config, tiny_model
-from helpers.train import make_forward, make_train_step
+from helpers.train import make_forward, make_train_step, set_checkpointing
 
 
 def test_param_count_matches_model():
@@ -211,6 +214,8 @@ def test_trainable_tensor_sizes_are_the_models(recipe, tied):
     real = sorted(p.numel() for p in model.parameters() if p.requires_grad)  # a tied weight is one parameter
     sizes = trainable_tensor_sizes(model.config, recipe)
     assert sorted(sizes) == real
+    shapes = sorted(tuple(p.shape) for p in model.parameters() if p.requires_grad)
+    assert sorted(trainable_tensor_shapes(model.config, recipe)) == shapes
     assert (trainable_params(model.config, recipe), trainable_tensors(model.config, recipe)) == (sum(real), len(real))
 
 
@@ -227,8 +232,38 @@ def test_optimizer_state_arithmetic():
     assert small and large  # k/v_proj's B (32 x 64) stays 32-bit; A (64 x 64) goes 8-bit
     assert optimizer_state_bytes(d, lora) == 8 * sum(small) + sum(2 * s + 8 * -(-s // 256) for s in large) + 2048
     assert optimizer_state_bytes(d, lora.but(optimizer="paged_adamw8bit")) == optimizer_state_bytes(d, lora)
+    # Adafactor: a row and a column of fp32 per matrix, a full fp32 vector per vector, an fp32 RMS per tensor.
+    matrices = d.layers * sum(o + i for o, i in d.linear_shapes()) + d.vocab + d.hidden
+    vectors = (2 * d.layers + 1) * d.hidden
+    assert optimizer_state_bytes(d, Recipe(optimizer="adafactor")) == 4 * (matrices + vectors + tensors)
+    assert optimizer_state_bytes(d, Recipe(optimizer="adafactor")) < optimizer_state_bytes(d, Recipe()) / 50
     with pytest.raises(ValueError, match="state_dtype"):
         Recipe(state_dtype="fp8")
+
+
+OPTIMIZERS = {  # the estimator's name: how a practitioner builds it
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-4),
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-4, momentum=0.9),
+    "adamw8bit": lambda params: bnb.optim.AdamW8bit(params, lr=1e-4),
+    # as TrainingArguments(optim="adafactor") builds it
+    "adafactor": lambda params: Adafactor(params, lr=1e-4, relative_step=False, scale_parameter=False),
+}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("b,t,lora", [(1, 8, 0), (4, 64, 0), (2, 32, 8)])
+def test_each_optimizer_state_exact_and_peak_within_3_percent_on_tiny_model(optimizer, b, t, lora):
+    """1 x 8 tokens: gradients and the optimizer step set the peak; 4 x 64: activations do."""
+    recipe = Recipe(batch_size=b, seq_len=t, optimizer=optimizer, lora_rank=lora, lora_targets="all-linear")
+    model = _trainable_as_the_recipe_says(tiny_model(num_hidden_layers=3, vocab_size=4000), recipe)
+    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, 4000, (b, t), generator=torch.Generator().manual_seed(3))
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids})
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, recipe)
+    assert predicted.optimizer == measured.optimizer, compare(predicted, measured)
+    assert abs(predicted.peak / measured.peak - 1) < 0.03, compare(predicted, measured)
 
 
 @pytest.mark.parametrize("optimizer,ckpt", [("adamw", True), ("adamw8bit", True), ("paged_adamw8bit", False)])
@@ -278,3 +313,35 @@ def test_gradient_accumulation_within_10_percent_on_tiny_model(b, t, k, ckpt, ti
     assert "accumulating" in predicted.result and predicted.gradients == measured.gradients
     assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
     assert predicted.peak > predict(model.config, recipe.but(gradient_accumulation_steps=1)).peak
+
+
+@pytest.mark.parametrize("vocab,b,t,ckpt", [(1000, 8, 128, False), (1000, 1, 16, False), (8000, 2, 64, False),
+                                            (8000, 2, 64, True)])
+def test_autocast_bf16_within_3_percent_on_tiny_model(vocab, b, t, ckpt):
+    """Mixed precision: fp32 master weights, the forward under bf16 autocast (16-bit activations and a 16-bit
+    copy of every weight kept for backward)."""
+    model = tiny_model(num_hidden_layers=4, vocab_size=vocab)
+    set_checkpointing(model, ckpt)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(4))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, Recipe(batch_size=b, seq_len=t, gradient_checkpointing=ckpt, autocast="bf16"))
+    assert abs(predicted.peak / measured.peak - 1) < 0.03, compare(predicted, measured)
+    assert abs(predicted.activations / measured.activations - 1) < 0.03, compare(predicted, measured)
+
+
+def test_autocast_recipe_mistakes_get_a_clear_message():
+    with pytest.raises(ValueError, match="'bf16' or 'fp16'"):
+        Recipe(autocast="int8")
+    with pytest.raises(ValueError, match="fp32"):
+        Recipe(autocast="bf16", weights="bf16")

@@ -194,3 +194,27 @@ def test_accumulated_micro_batches_give_the_big_batch_update():
     with pytest.raises(ValueError, match="must divide"):
         make_train_step(tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=1.0), {"input_ids": ids},
                         accumulation_steps=3)
+
+
+def test_saved_for_backward_separates_autocast_weight_copies_from_activations():
+    from helpers.estimate import Dims, autocast_block_activation_bytes, block_activation_bytes
+    from helpers.memory import saved_for_backward
+
+    model = tiny_model(num_hidden_layers=2)
+    d = Dims.of(model.config)
+    ids = torch.randint(0, d.vocab, (2, 16), generator=torch.Generator().manual_seed(5))
+
+    def forward(enabled):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                model(input_ids=ids, labels=ids, use_cache=False)
+        return run
+
+    fp32 = saved_for_backward(forward(False), model)
+    assert set(fp32) == {"activations, torch.float32", "activations, torch.int64"}  # weights are not copies
+    amp = saved_for_backward(forward(True), model)
+    assert amp["weight copies, torch.bfloat16"] == 2 * (d.layers * d.block_linear_params + d.embedding_params)
+    blocks = d.layers * (block_activation_bytes(d, 32) - autocast_block_activation_bytes(d, 32))
+    saved32 = fp32["activations, torch.float32"]
+    saved_amp = amp["activations, torch.float32"] + amp["activations, torch.bfloat16"]
+    assert abs((saved32 - saved_amp) / blocks - 1) < 0.1  # the blocks' saving, as the estimator counts it

@@ -7,4 +7,7 @@ from . import (
     lesson03,  # noqa: F401
     lesson04,  # noqa: F401
     lesson05,  # noqa: F401
+    lesson06,  # noqa: F401
+    lesson07,  # noqa: F401
+    lesson08,  # noqa: F401
 )
