@@ -1,6 +1,6 @@
 """What the check tests share: the course model's shapes (without loading it) and one way to grade a check."""
 
-from helpers.checks import FAIL, PASS, SKIP, run_check
+from helpers.checks import EXERCISES, FAIL, PASS, SKIP, _load_lesson_checks, run_check
 from helpers.estimate import Dims
 from helpers.models import tiny_config
 
@@ -22,3 +22,9 @@ def assert_grades(name, right, wrong, **context):
         assert result.status == FAIL, answer
         assert word.lower() in result.message.lower(), (answer, result.message)
         assert result.points == 0
+
+
+def registered(lesson: str) -> set[str]:
+    """The names of the exercises registered for a lesson ("07"): its tests must give each one cases."""
+    _load_lesson_checks()
+    return {name for name, ex in EXERCISES.items() if ex.lesson.startswith(lesson)}

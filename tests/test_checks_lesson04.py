@@ -1,10 +1,10 @@
 """Lesson 04's checks: each passes the right answer, says "not attempted" to a blank, hints at wrong ones."""
 
 import pytest
-from casebook import assert_grades
+from casebook import assert_grades, registered
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from helpers.checks import EXERCISES, FAIL, check, run_check
+from helpers.checks import FAIL, run_check
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -62,8 +62,7 @@ def cases(dims):
 
 
 def test_every_registered_exercise_has_cases(dims):
-    check("lora_param_count", None)  # loads the registry
-    assert set(cases(dims)) == {n for n, e in EXERCISES.items() if e.lesson.startswith("04")}
+    assert set(cases(dims)) == registered("04")
 
 
 @pytest.mark.parametrize("name", ["lora_param_count", "lora_config_exact", "reload_adapter"])

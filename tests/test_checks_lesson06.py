@@ -1,7 +1,7 @@
 """Lesson 06's checks: each passes the right answer, says "not attempted" to a blank, hints at wrong ones."""
 
 import pytest
-from casebook import COURSE, assert_grades
+from casebook import COURSE, assert_grades, registered
 
 from helpers.checks import FAIL, run_check
 from helpers.exercises.lesson06 import autocast_crossover, largest_safe_scale
@@ -28,6 +28,10 @@ def cases(dims):
                                      [(1, "not lower yet"), (crossover - 1, "not lower yet"),
                                       (crossover + 3, "smallest"), (2.5, "whole number"), ("many", "batch size")]),
     }
+
+
+def test_every_registered_exercise_has_cases(dims):
+    assert set(cases(dims)) == registered("06")
 
 
 @pytest.mark.parametrize("name", ["autocast_copy_bytes", "largest_loss_scale", "autocast_pays_from_batch"])

@@ -53,11 +53,6 @@ def num_items_in_batch(answer, lengths=None, seq_len: int | None = None):
 # ------------------------------------------------------------------------------------------------
 # Exercise 2: the peak of a step with k micro-batches (predict before measuring)
 # ------------------------------------------------------------------------------------------------
-def _recipe(batch_size: int, seq_len: int, steps: int, lora_rank: int, lora_targets) -> Recipe:
-    return Recipe(batch_size=batch_size, seq_len=seq_len, gradient_accumulation_steps=steps, lora_rank=lora_rank,
-                  lora_targets=lora_targets)
-
-
 @exercise("accumulation_peak", lesson=LESSON)
 def accumulation_peak(answer, dims=None, batch_size: int = 1, seq_len: int = 64, steps: int = 4,
                       lora_rank: int = 0, lora_targets=LINEAR_NAMES):
@@ -67,7 +62,8 @@ def accumulation_peak(answer, dims=None, batch_size: int = 1, seq_len: int = 64,
         return False, "run the cells above first: the check needs the model's shapes (pass dims=dims)."
     d = Dims.of(dims)
     value = as_number(answer, "a number of bytes")
-    recipe = _recipe(batch_size, seq_len, steps, lora_rank, lora_targets)
+    recipe = Recipe(batch_size=batch_size, seq_len=seq_len, gradient_accumulation_steps=steps, lora_rank=lora_rank,
+                    lora_targets=lora_targets)
     right = predict(d, recipe)
     want = right.peak
     if close(value, want, 0.01):

@@ -9,12 +9,6 @@ LESSON = "08_optimizers"
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "paged_adamw8bit", "adafactor")  # the estimator's names
 
 
-def _dims(dims):
-    if dims is None:
-        raise LookupError
-    return Dims.of(dims)
-
-
 # ------------------------------------------------------------------------------------------------
 # Exercise 1: Adafactor's factored state for full fine-tuning
 # ------------------------------------------------------------------------------------------------
@@ -22,10 +16,9 @@ def _dims(dims):
 def adafactor_state_bytes(answer, dims=None):
     """Bytes of transformers' ``Adafactor`` state (beta1=None) for full fine-tuning of a model of ``dims``
     (the per-tensor fp32 RMS scalars may be left out: allow 0.5 %)."""
-    try:
-        d = _dims(dims)
-    except LookupError:
+    if dims is None:
         return False, "run the cells above first: the check needs the model's shapes (pass dims=dims)."
+    d = Dims.of(dims)
     value = as_number(answer, "a number of bytes")
     want = optimizer_state_bytes(d, Recipe(optimizer="adafactor"))
     shapes = trainable_tensor_shapes(d, Recipe())
@@ -100,10 +93,9 @@ _SPECIFIC = {  # (optimizer, what they said): why it is wrong
 @exercise("full_finetune_bytes_per_parameter", lesson=LESSON)
 def full_finetune_bytes_per_parameter(answer, dims=None):
     """A dict {optimizer: bytes per parameter of weights + gradients + state} for fp32 full fine-tuning."""
-    try:
-        d = _dims(dims)
-    except LookupError:
+    if dims is None:
         return False, "run the cells above first: the check needs the model's shapes (pass dims=dims)."
+    d = Dims.of(dims)
     if not isinstance(answer, dict):
         return False, (f"give a dict such as {{'adamw': ..., 'sgd': ...}} with the five names {list(OPTIMIZERS)} "
                        f"(you gave a {type(answer).__name__}).")
