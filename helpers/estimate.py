@@ -25,8 +25,7 @@ from .memory import CATEGORIES, MemoryReport
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 QUANTIZED = ("int8", "nf4", "fp4")
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "sgd_momentum": 4, "sgd_plain": 0, "none": 0,
-                         "adafactor": 0}  # Adafactor: see ADAFACTOR
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "sgd_momentum": 4, "sgd_plain": 0, "none": 0}
 # bitsandbytes' 8-bit AdamW (paged or not): two uint8 moments per parameter, each with one fp32 absmax per
 # block of 256; tensors under 4,096 elements keep two fp32 moments. Paging changes where the state lives
 # (CUDA unified memory, evicted to CPU RAM under pressure), not its size; on the CPU it is not paged at all.
@@ -38,6 +37,7 @@ BNB_QMAPS = 2 * 256 * 4  # the two 256-entry fp32 code tables, shared by every p
 # keeps a full fp32 second moment; each tensor also keeps an fp32 RMS scalar. torch.optim.Adafactor stores
 # the same bytes (a step tensor instead of the RMS).
 ADAFACTOR = "adafactor"
+OPTIMIZERS = (*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS, ADAFACTOR)  # every name Recipe(optimizer=...) accepts
 # The linear layers of a Llama-style block, in the order of ``Dims.linear_shapes``, by their module names.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -155,9 +155,9 @@ class Recipe:
             raise ValueError(f"Recipe(weights={self.weights!r}): choose one of {', '.join(formats)}")
         if self.unquantized not in BYTES:
             raise ValueError(f"Recipe(unquantized={self.unquantized!r}): choose one of {', '.join(BYTES)}")
-        if self.optimizer not in (*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Recipe(optimizer={self.optimizer!r}): choose one of "
-                             f"{', '.join((*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS))}")
+                             f"{', '.join(OPTIMIZERS)}")
         if self.state_dtype is not None and self.state_dtype not in BYTES:
             raise ValueError(f"Recipe(state_dtype={self.state_dtype!r}): None or one of {', '.join(BYTES)}")
         steps = self.gradient_accumulation_steps
@@ -249,7 +249,7 @@ def optimizer_state_bytes(config, recipe: Recipe = Recipe()) -> int:
     """Optimizer state once allocated (after the first step): moments, plus Adam's fp32 step counter per
     tensor in PyTorch; bitsandbytes' 8-bit AdamW as described at ``EIGHT_BIT_OPTIMIZERS``; Adafactor as
     described at ``ADAFACTOR``."""
-    if recipe.optimizer == "adafactor":
+    if recipe.optimizer == ADAFACTOR:
         return sum(4 * (shape[0] + shape[1] if len(shape) == 2 else math.prod(shape)) + 4
                    for shape in trainable_tensor_shapes(config, recipe))
     sizes = trainable_tensor_sizes(config, recipe)
@@ -432,7 +432,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     # in place.
     if recipe.optimizer in ("adamw", "adam"):
         tmp = p_train * grad_bytes if recipe.device == "cuda" else 2 * largest
-    elif recipe.optimizer == "adafactor":
+    elif recipe.optimizer == ADAFACTOR:
         tmp = 2 * largest * 4 // grad_bytes
     else:
         tmp = 0
