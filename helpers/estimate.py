@@ -7,6 +7,7 @@
                            gradient_checkpointing=True, optimizer="paged_adamw8bit"))   # QLoRA
     predict(config, Recipe(batch_size=8, autocast="bf16"))              # mixed precision, fp32 master weights
     predict(config, Recipe(batch_size=2, gradient_accumulation_steps=4, optimizer="adafactor"))
+    predict(config, Recipe(engine="deepspeed", zero_stage=2, world_size=8))   # per rank, lesson 09
 
 The prediction uses the same categories as ``helpers.memory`` and the same moment: the peak of one
 steady-state training step (optimizer state already allocated, gradients freed by
@@ -134,6 +135,16 @@ class Recipe:
     lora_rank: int = 0  # > 0: train only LoRA adapters of this rank (peft); the base model is frozen
     lora_targets: tuple[str, ...] | str = LINEAR_NAMES  # module names, or "all-linear" as in LoraConfig
     lora_dropout: float = 0.0  # > 0 makes each adapter keep its own dropped-out copy of its input
+    # Data parallel over ``world_size`` ranks (lesson 09); the prediction is per rank and ``batch_size`` is each
+    # rank's micro-batch. ``zero_stage`` 0 replicates everything (DDP), 1 shards optimizer state, 2 also
+    # gradients, 3 also weights (FSDP full shard is stage 3). ``engine="deepspeed"`` adds DeepSpeed's fp32 master
+    # partition to the optimizer state (it keeps one whatever the weights' dtype) and steps its flat partition as
+    # one tensor. ``offload_optimizer`` moves optimizer state and gradient partition to CPU memory (nothing moves
+    # when the device is the CPU).
+    zero_stage: int = 0
+    world_size: int = 1
+    engine: str = "torch"  # torch (DDP, FSDP) | deepspeed
+    offload_optimizer: bool = False
 
     def __post_init__(self):
         if self.lora_targets == "all-linear":
@@ -169,6 +180,18 @@ class Recipe:
             if self.weights != "fp32" or self.lora_rank or self.trainable_blocks is not None:
                 raise ValueError("Recipe(autocast=...): modelled for full training with fp32 (master) weights only; "
                                  "16-bit weights without autocast are weights='bf16'")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"Recipe(zero_stage={self.zero_stage!r}): 0 (plain data parallel), 1, 2 or 3")
+        if int(self.world_size) != self.world_size or self.world_size < 1:
+            raise ValueError(f"Recipe(world_size={self.world_size!r}): a whole number of ranks, 1 or more")
+        if self.engine not in ("torch", "deepspeed"):
+            raise ValueError(f"Recipe(engine={self.engine!r}): 'torch' (DDP, FSDP) or 'deepspeed'")
+        if self.engine == "torch" and self.zero_stage in (1, 2):
+            raise ValueError("Recipe(engine='torch'): DDP is zero_stage=0 and FSDP full shard zero_stage=3; "
+                             "stages 1 and 2 are engine='deepspeed'")
+        if self.offload_optimizer and (self.engine != "deepspeed" or not self.zero_stage):
+            raise ValueError("Recipe(offload_optimizer=True): ZeRO-Offload needs engine='deepspeed' and "
+                             "zero_stage >= 1")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
@@ -354,7 +377,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
         return MemoryReport(weights=w, activations=max(block_tmp, n * d.vocab * a), device=recipe.device)
 
     p_train = trainable_params(d, recipe)
-    grad_bytes = 4 if recipe.weights in QUANTIZED or recipe.lora_rank else BYTES[recipe.weights]
+    grad_bytes = recipe_grad_bytes(recipe)
     state = optimizer_state_bytes(d, recipe)
 
     # Which blocks backpropagation runs through: down to the lowest trainable one (all of them if the
@@ -437,11 +460,54 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     else:
         tmp = 0
     phases["optimizer step"] = (p_train * grad_bytes, tmp)
+    if recipe.world_size > 1 or recipe.zero_stage or recipe.engine == "deepspeed":
+        w, state, phases = _shard(recipe, w, state, phases, p_train * grad_bytes, rotary_buffer_bytes(d))
 
     name, (grads, acts) = max(phases.items(), key=lambda kv: kv[1][0] + kv[1][1])
     report = MemoryReport(weights=w, gradients=grads, optimizer=state, activations=acts, device=recipe.device)
     report.result = name  # which moment of the step is the peak
     return report
+
+
+def _shard(recipe: Recipe, w: int, state: int, phases: dict, all_grads: int, buffers: int):
+    """One rank's share of a data-parallel step (the ZeRO paper's partitioning, section 5). Buffers (the rotary
+    frequencies) are not parameters: every rank keeps them whole."""
+    n, stage = recipe.world_size, recipe.zero_stage
+
+    def part(x: int, sharded: bool) -> int:
+        return -(-x // n) if sharded else x
+
+    if recipe.engine == "deepspeed":
+        state += all_grads // recipe_grad_bytes(recipe) * 4  # the fp32 master copy of every trainable parameter
+    state = part(state, stage >= 1)
+    w = part(w - buffers, stage >= 3) + buffers
+    phases = {k: (part(g, stage >= 2), a) for k, (g, a) in phases.items()}
+    if recipe.engine == "deepspeed" and recipe.optimizer in ("adamw", "adam"):
+        # The inner optimizer steps one flat fp32 partition: AdamW's two temporaries are the partition's size.
+        flat = part(all_grads // recipe_grad_bytes(recipe) * 4, stage >= 1)
+        phases["optimizer step"] = (part(all_grads, stage >= 2), 2 * flat)
+    elif stage >= 3:  # FSDP: each parameter's shard is stepped on its own
+        g, tmp = phases["optimizer step"]
+        phases["optimizer step"] = (g, part(tmp, True))
+    if recipe.offload_optimizer and recipe.device != "cpu":
+        # ZeRO-Offload: master weights, moments, the gradient partition and the step itself live on the CPU.
+        state = 0
+        phases = {k: (0, a) for k, (g, a) in phases.items() if k != "optimizer step"}
+    return w, state, phases
+
+
+def recipe_grad_bytes(recipe: Recipe) -> int:
+    """Bytes of one gradient element: fp32 for adapters and quantized bases, else the weights' dtype."""
+    return 4 if recipe.weights in QUANTIZED or recipe.lora_rank else BYTES[recipe.weights]
+
+
+def offloaded_bytes(config, recipe: Recipe) -> int:
+    """What ZeRO-Offload keeps in CPU memory per rank instead of on the device: the optimizer state (with the
+    fp32 master partition) and the fp32 gradient partition."""
+    if not recipe.offload_optimizer:
+        return 0
+    on_device = predict(config, recipe.but(offload_optimizer=False))
+    return on_device.optimizer + -(-trainable_params(config, recipe) * 4 // recipe.world_size)
 
 
 def compare(predicted: MemoryReport, measured: MemoryReport) -> list[dict]:

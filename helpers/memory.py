@@ -96,6 +96,7 @@ class MemoryReport:
 
 
 def _storage_key(t: torch.Tensor):
+    t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2's sharded parameters): this rank's shard
     try:
         st = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse, meta-like or functional wrappers
@@ -263,6 +264,7 @@ class Meter:
                 if p.requires_grad:  # hooks on frozen parameters are not allowed (and not needed)
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_step_begin))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_step))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -271,8 +273,19 @@ class Meter:
         self._t0 = time.perf_counter()
         return self
 
+    def mark(self, tensors, category: str) -> None:
+        """File ``tensors`` under ``category`` for their whole life, from inside the block: how a sharding engine's
+        own buffers (gradient partitions, fp32 master shards) are named before they are freed."""
+        self.tracker.mark(_tensors_in(tensors), category)
+
     def _on_grad(self, p):
         self.tracker.add(p.grad, "gradients")
+
+    def _on_step_begin(self, optimizer, *_):
+        # What the optimizer consumes is a gradient, whoever made it: DDP's bucket views, FSDP's sharded .grad,
+        # DeepSpeed's flat gradient partition.
+        self.tracker.mark((p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None),
+                          "gradients")
 
     def _on_step(self, optimizer, *_):
         self.tracker.mark(_tensors_in(list(optimizer.state.values())), "optimizer")

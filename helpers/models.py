@@ -306,6 +306,20 @@ def reference_config(name: str):
     return AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
+def mid_size_model(layers: int = 4, seed: int = 0):
+    """The course model's architecture with ``layers`` of its decoder blocks, randomly initialised with a fixed
+    seed: every rank of a multi-process lesson builds the same model in a second, and a step costs a fraction of
+    the full model's (lesson 09). Shapes come from the course checkpoint's config (or ``$COURSE_MODEL``'s)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve())
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 def tiny_config(**overrides):
     """A LlamaConfig shaped like the course model, small enough for a unit test (random weights)."""
     from transformers import LlamaConfig

@@ -9,6 +9,7 @@ from helpers.estimate import (
     Dims,
     Recipe,
     compare,
+    offloaded_bytes,
     optimizer_state_bytes,
     predict,
     trainable_params,
@@ -345,3 +346,38 @@ def test_autocast_recipe_mistakes_get_a_clear_message():
         Recipe(autocast="int8")
     with pytest.raises(ValueError, match="fp32"):
         Recipe(autocast="bf16", weights="bf16")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data parallel and ZeRO (lesson 09): per-rank shares; measured for real in tests/test_sharding.py
+# ------------------------------------------------------------------------------------------------
+def test_zero_stages_shard_what_the_paper_says():
+    config = tiny_config()
+    base = Recipe(batch_size=1, seq_len=16, engine="deepspeed", world_size=4)
+    one = predict(config, base.but(world_size=1))
+    stages = {s: predict(config, base.but(zero_stage=s)) for s in range(4)}
+    master = trainable_params(config, Recipe()) * 4
+    assert stages[0].optimizer == one.optimizer  # stage 0 replicates (with DeepSpeed's fp32 master copy)
+    assert stages[1].optimizer == -(-(optimizer_state_bytes(config, Recipe()) + master) // 4)
+    assert stages[1].gradients == stages[0].gradients and stages[2].gradients < stages[1].gradients
+    assert stages[3].weights < stages[2].weights == stages[0].weights
+    rotary = 2 * (config.head_dim // 2) * 4
+    assert stages[3].weights - rotary == -(-(stages[0].weights - rotary) // 4)  # buffers are not sharded
+
+
+def test_offload_moves_state_off_a_gpu_but_not_off_a_cpu():
+    config = tiny_config()
+    r = Recipe(batch_size=1, seq_len=16, engine="deepspeed", zero_stage=2, world_size=2)
+    on_cpu = predict(config, r.but(offload_optimizer=True))
+    assert on_cpu.optimizer == predict(config, r).optimizer  # the device is the CPU: nowhere to go
+    gpu = predict(config, r.but(device="cuda", offload_optimizer=True))
+    assert gpu.optimizer == 0 and gpu.gradients == 0
+    assert offloaded_bytes(config, r.but(device="cuda", offload_optimizer=True)) > predict(config, r).optimizer
+
+
+@pytest.mark.parametrize("bad", [dict(zero_stage=4), dict(world_size=0), dict(engine="megatron"),
+                                 dict(zero_stage=2), dict(offload_optimizer=True),
+                                 dict(engine="deepspeed", offload_optimizer=True)])
+def test_sharding_recipes_that_make_no_sense_are_refused(bad):
+    with pytest.raises(ValueError, match="Recipe"):
+        Recipe(**bad)

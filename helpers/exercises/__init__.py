@@ -10,4 +10,5 @@ from . import (
     lesson06,  # noqa: F401
     lesson07,  # noqa: F401
     lesson08,  # noqa: F401
+    lesson09,  # noqa: F401
 )

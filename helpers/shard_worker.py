@@ -1,0 +1,281 @@
+"""What every rank of a lesson-09 run executes: a few optimizer steps under one sharding engine, measured.
+
+    torchrun --nproc_per_node 2 -m helpers.shard_worker --runs fsdp --out /tmp/runs
+    deepspeed --num_gpus 2 --module helpers.shard_worker --runs zero1,zero2 --out /tmp/runs
+
+``helpers.sharding.launch`` builds these commands; this module is the training script they start. Each rank
+trains the same model on its own slice of a global batch (rows rank, rank + N, ...), so the mean of the
+ranks' losses is the loss a single process computes on the whole batch, step after step, if the engine is
+right. Each rank measures its own steady-state step (the last one) with ``helpers.memory.Meter``: tensor bytes by
+category at the step's peak, this process only; and its *model states* at the moment the optimizer steps (the
+weights it holds, the gradients the optimizer consumes, the optimizer state after the step), the quantities the
+ZeRO paper's formulas count. It writes ``<run>/rank<R>.json`` into ``--out``. Several runs of one launcher run
+one after the other in the same processes (one process group), which saves a launch per run.
+
+The engines, written the way a practitioner writes them today:
+- ``single``: one process, plain PyTorch (the reference the others must match; ``python -m``, no launcher);
+- ``ddp``: ``Accelerator`` (MULTI_CPU, DistributedDataParallel over gloo), every rank a full replica;
+- ``fsdp``: ``torch.distributed.fsdp.fully_shard`` on each decoder block and the root (FSDP2, ZeRO-3-like);
+- ``zero``: ``deepspeed.initialize`` with a ZeRO config of ``--stage`` 1, 2 or 3 (``--offload`` moves the
+  optimizer state and fp32 master weights to CPU memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LR = 1e-3
+
+
+def build_model(args):
+    """The mid-size course model (``--model course``), or the tiny random one unit tests use (``--model tiny``)."""
+    from .models import mid_size_model, tiny_model
+
+    return tiny_model() if args.model == "tiny" else mid_size_model(args.layers)
+
+
+def global_batch(rows: int, seq_len: int, step: int, vocab: int | None = None) -> dict:
+    """Step ``step``'s global batch of real text (the course corpus), the same in every process; with ``vocab``
+    (the tiny test model), random token ids from a seeded generator instead."""
+    if vocab is not None:
+        ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": ids, "labels": ids}
+    from .data import Corpus
+    from .models import load_tokenizer
+
+    global _corpus
+    if "_corpus" not in globals():
+        _corpus = Corpus(load_tokenizer(), max_chars=200_000)
+    batch = _corpus.train_batch(rows, seq_len, step=step)
+    return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
+
+def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
+    """The ZeRO config this run uses (the files in ``configs/`` are the same, sized for GPUs)."""
+    zero = {"stage": stage, "reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=2_000_000, stage3_param_persistence_threshold=0)
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+class Run:
+    """One engine's model, optimizer and step; ``state`` names the engine's own tensors by category."""
+
+    def __init__(self, args, engine: str, stage: int = 0, offload: bool = False):
+        self.args, self.engine_name, self.stage, self.offload = args, engine, stage, offload
+        dist = torch.distributed
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        model = build_model(args)
+        self.params = sum(p.numel() for p in model.parameters())
+        self.module = self.model = model
+        self.optimizer = self.inner = torch.optim.AdamW(model.parameters(), lr=LR)  # inner: holds .state
+        if engine == "zero":
+            import deepspeed
+
+            cfg = deepspeed_config(stage, offload, args.micro_batch)
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.inner, config=cfg)
+            self.inner = self.optimizer.optimizer
+        elif engine == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:  # one unit per decoder block, then the rest (embedding, norm)
+                fully_shard(block)
+            fully_shard(model)
+            self.optimizer = self.inner = torch.optim.AdamW(model.parameters(), lr=LR)  # on the sharded params
+        elif engine == "ddp":
+            self.model, self.optimizer = accelerator().prepare(model, self.optimizer)
+
+    def batch(self, step: int) -> dict:
+        vocab = self.module.config.vocab_size if self.args.model == "tiny" else None
+        whole = global_batch(self.args.micro_batch * self.args.world_batch_ranks, self.args.seq_len, step, vocab)
+        if self.engine_name == "single":
+            return whole
+        return {k: v[self.rank::self.world_size] for k, v in whole.items()}
+
+    def state(self) -> dict[str, list]:
+        """DeepSpeed's own tensors by category: the fp32 master partition is optimizer state (the ZeRO paper's
+        K = 12 bytes count it there) and, under ZeRO-3, each parameter's ``ds_tensor`` shard is a weight. Gradient
+        partitions are named by the Meter when the optimizer consumes them; DeepSpeed's reduction buckets stay
+        temporaries (the paper's "residual states")."""
+        if self.engine_name != "zero":
+            return {}
+        opt = self.optimizer
+        master = [*getattr(opt, "single_partition_of_fp32_groups", []),  # stages 1 and 2
+                  *getattr(opt, "fp32_partitioned_groups_flat", [])]  # stage 3
+        out = {"optimizer": master}
+        if self.stage == 3:
+            out["weights"] = [p.ds_tensor for p in self.module.parameters() if hasattr(p, "ds_tensor")]
+        return out
+
+    def backward(self, step: int) -> torch.Tensor:
+        """Forward and backward on this rank's slice of step ``step``'s batch; returns the loss."""
+        loss = self.model(**self.batch(step), use_cache=False).loss
+        if self.engine_name == "zero":
+            self.model.backward(loss)
+        elif self.engine_name == "ddp":
+            accelerator().backward(loss)
+        else:
+            loss.backward()
+        return loss.detach()
+
+    def update(self) -> None:
+        """The optimizer step (DeepSpeed: reduce the gradient partitions, step, gather the weights)."""
+        if self.engine_name == "zero":
+            self.model.step()
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def mean_loss(self, loss: torch.Tensor) -> float:
+        """The mean of the ranks' losses: one process's loss on the whole batch, if the engine is right."""
+        loss = loss.clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= self.world_size
+        return loss.item()
+
+    def step(self, step: int) -> float:
+        loss = self.backward(step)
+        self.update()
+        return self.mean_loss(loss)
+
+    def close(self) -> None:
+        if self.engine_name == "zero":
+            self.model.destroy()
+
+
+_accelerator = None
+
+
+def accelerator():
+    """The process's one ``Accelerator`` (MULTI_CPU under a launcher: DDP over gloo)."""
+    global _accelerator
+    if _accelerator is None:
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        # gradient_as_bucket_view: each .grad is a view into DDP's all-reduce buckets instead of a second copy
+        ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+        _accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp])
+    return _accelerator
+
+
+def init_distributed(engine: str) -> None:
+    if engine == "zero":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    elif engine == "ddp":
+        accelerator()
+    elif engine == "fsdp":
+        torch.distributed.init_process_group("gloo")
+
+
+def model_states(run: Run, step: int) -> tuple[float, dict[str, int]]:
+    """Run ``step`` and return its loss and the rank's model states, by identity: the weights it holds; the
+    gradient storage it keeps (the larger of what holds gradients when backward ends — the module's .grad, or
+    DeepSpeed's reduced ``averaged_gradients`` — and what the optimizer consumes); the optimizer state once the
+    step is done. Storage, not elements: a view keeps its whole buffer alive."""
+    from .memory import tensor_bytes, weight_tensors
+
+    states = {}
+    loss = run.backward(step)
+    holders = [p.grad for p in run.module.parameters() if p.grad is not None]
+    after_backward = tensor_bytes([holders, getattr(run.optimizer, "averaged_gradients", None) or []])
+
+    def before(optimizer, *_):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        states["weights"] = tensor_bytes([*weight_tensors(run.module), *run.state().get("weights", [])])
+        states["gradients"] = max(after_backward, tensor_bytes(grads))
+
+    def after(optimizer, *_):
+        states["optimizer"] = tensor_bytes([optimizer.state, *run.state().get("optimizer", [])])
+
+    handles = [run.inner.register_step_pre_hook(before), run.inner.register_step_post_hook(after)]
+    run.update()
+    for h in handles:
+        h.remove()
+    return run.mean_loss(loss), states
+
+
+def train_and_measure(args, name: str) -> dict:
+    from .memory import Meter
+    from .sharding import RUNS
+
+    spec = RUNS[name]
+    t0 = time.perf_counter()
+    run = Run(args, spec.engine, spec.stage, spec.offload)
+    setup = time.perf_counter() - t0
+    losses, seconds, states = [], [], {}
+    for i in range(args.steps):
+        t = time.perf_counter()
+        if i < args.steps - 1:
+            losses.append(run.step(i))
+        else:  # the last step is measured: the earlier ones allocated optimizer state (and DDP rebuilt its buckets)
+            with Meter(run.module, run.inner) as meter:
+                for category, tensors in run.state().items():
+                    meter.mark(tensors, category)
+                loss, states = model_states(run, i)
+                losses.append(loss)
+        seconds.append(time.perf_counter() - t)
+    run.close()
+    dist = torch.distributed
+    return {"run": name, "engine": run.engine_name, "stage": run.stage, "offload": run.offload, "rank": run.rank,
+            "world_size": run.world_size, "backend": dist.get_backend() if dist.is_initialized() else None,
+            "params": run.params, "layers": args.layers, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+            "losses": losses, "step_seconds": seconds, "setup_seconds": setup,
+            "peak": meter.report.as_dict(), "model_states": states}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", required=True, help="comma-separated names from helpers.sharding.RUNS, or 'single'")
+    p.add_argument("--model", choices=("course", "tiny"), default="course")
+    p.add_argument("--layers", type=int, default=4, help="decoder blocks of the mid-size course model")
+    p.add_argument("--micro-batch", type=int, default=1, help="rows per rank (single: rows per rank x ranks)")
+    p.add_argument("--world-batch-ranks", type=int, default=2, help="ranks the global batch is cut for")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--die-at-rank", type=int, default=None, help="testing: this rank exits after joining the group")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher passes it
+    args = p.parse_args(argv)
+    from .sharding import RUNS
+
+    names = args.runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        p.error(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    engines = {RUNS[n].engine for n in names}
+    if len(engines) != 1:
+        p.error(f"runs {names} need different engines {sorted(engines)}: launch them separately")
+    init_distributed(engines.pop())
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if args.die_at_rank == rank:
+        print(f"rank {rank}: exiting on purpose (--die-at-rank)", file=sys.stderr, flush=True)
+        os._exit(3)
+    for name in names:
+        report = train_and_measure(args, name)
+        folder = Path(args.out, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Launch a real multi-process run from a notebook, read what each rank measured, and the ZeRO formulas.
+
+    reports = launch("zero1", "zero2")         # one `deepspeed --num_gpus 2 ...` on CPU over gloo, both runs
+    reports["zero2"][0]["world_size"], reports["zero2"][1]["model_states"]["optimizer"]
+    zero_model_states(params, stage=2, world_size=2)     # the ZeRO paper's per-rank bytes
+
+Each run in ``RUNS`` is started with the launcher a practitioner uses for that engine (``accelerate launch``,
+``torchrun`` or ``deepspeed``) as a subprocess with a time limit. Every rank runs ``helpers.shard_worker``,
+which trains a few steps, measures its own memory and writes ``<run>/rank<R>.json``; runs that share a
+launcher can share one launch (they run one after the other in the same processes). A launch that fails (a rank
+dies, the port is taken, DeepSpeed cannot compile its ops, the time limit passes) raises ``LaunchError`` with
+a sentence saying which, and the launcher's last lines, within the time limit: the notebook never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD_SIZE = 2
+WORKER = "helpers.shard_worker"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One lesson-09 run: how it is launched and which engine each rank builds."""
+
+    title: str
+    launcher: str  # python (one process) | accelerate | torchrun | deepspeed
+    engine: str  # single | ddp | fsdp | zero
+    stage: int = 0  # the ZeRO stage it corresponds to (DDP: 0, FSDP full shard: 3)
+    offload: bool = False
+
+
+RUNS = {
+    "single": RunSpec("one process, the reference", "python", "single"),
+    "ddp": RunSpec("DDP through Accelerate", "accelerate", "ddp", 0),
+    "fsdp": RunSpec("FSDP full shard (fully_shard)", "torchrun", "fsdp", 3),
+    "zero1": RunSpec("DeepSpeed ZeRO-1", "deepspeed", "zero", 1),
+    "zero2": RunSpec("DeepSpeed ZeRO-2", "deepspeed", "zero", 2),
+    "zero3": RunSpec("DeepSpeed ZeRO-3", "deepspeed", "zero", 3),
+    "zero2_offload": RunSpec("DeepSpeed ZeRO-2, optimizer offloaded to CPU", "deepspeed", "zero", 2, True),
+}
+
+
+class LaunchError(RuntimeError):
+    """A multi-process launch that did not produce a report from every rank; the message says why."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for the rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(names, out: str | Path, port: int, nproc: int = WORLD_SIZE, extra=()) -> list[str]:
+    """The exact command line a practitioner would type for the runs ``names`` (one launcher's runs)."""
+    names = [names] if isinstance(names, str) else list(names)
+    launchers = {RUNS[n].launcher for n in names}
+    if len(launchers) != 1:
+        raise ValueError(f"runs {names} use different launchers ({', '.join(sorted(launchers))}): launch them apart")
+    spec = RUNS[names[0]]
+    bin_dir = Path(sys.executable).parent
+    worker = ["--runs", ",".join(names), "--out", str(out), *extra]
+    if spec.launcher == "python":
+        return [sys.executable, "-m", WORKER, *worker]
+    if spec.launcher == "accelerate":
+        # --multi_gpu selects the torchrun-style launcher; ACCELERATE_USE_CPU (see ``environment``) makes each
+        # rank a CPU process over gloo. (``--cpu --num_processes 2`` would start a single process.)
+        return [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", WORKER, *worker]
+    if spec.launcher == "torchrun":
+        return [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port),
+                "-m", WORKER, *worker]
+    if spec.launcher == "deepspeed":
+        return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+                "--module", WORKER, *worker]
+    raise ValueError(f"unknown launcher {spec.launcher!r}: accelerate, torchrun or deepspeed")
+
+
+LAUNCH_TAG = "COURSE_LAUNCH_ID"  # set in every process of a launch, so that all of them can be found and stopped
+
+
+def environment(tag: str = "") -> dict[str, str]:
+    """The launch environment: the repo importable, CPU ranks with one thread each (two ranks, two cores)."""
+    env = dict(os.environ)
+    env[LAUNCH_TAG] = tag
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), PYTHONWARNINGS="ignore")
+    return env
+
+
+def diagnose(log: str, returncode: int | None, timed_out: bool, limit: float) -> str:
+    """One sentence on why a launch failed, from the launcher's output."""
+    text = log.lower()
+    if "eaddrinuse" in text or "address already in use" in text:
+        return ("The rendezvous port is already in use (another run, or a previous one that has not exited): "
+                "launch again with another port (launch(..., port=None) picks a free one).")
+    if ("ninja" in text or "gcc" in text or "c++" in text) and ("not found" in text or "command failed" in text
+                                                                or "error building extension" in text):
+        return ("DeepSpeed could not compile one of its ops: it needs a C++ compiler (gcc/g++) and ninja on "
+                "this machine (`apt install build-essential`, `pip install ninja`).")
+    if timed_out:
+        return (f"The run did not finish within {limit:.0f} s and was stopped (all its processes killed). "
+                "A rank may be waiting for one that died, or the machine is busy; see the last lines below.")
+    dead = [line.strip() for line in log.splitlines() if "exitcode" in line and "exitcode  : 0" not in line]
+    if "exiting on purpose" in text or dead or "childfailederror" in text or "killing subprocess" in text:
+        return ("A rank died (non-zero exit); the launcher stopped the others. Its own error is in the lines "
+                "below (look for the first Traceback).")
+    return f"The launcher exited with status {returncode}; see the last lines below."
+
+
+def launch(*names: str, out: str | Path | None = None, port: int | None = None, timeout: float = 240,
+           nproc: int = WORLD_SIZE, extra=()) -> dict[str, list[dict]]:
+    """Run ``RUNS[name]`` for each name (all with one launcher, in one launch); return each run's rank reports,
+    rank 0 first: ``{"zero2": [rank0, rank1], ...}``.
+
+    Raises ``LaunchError`` (with the reason and the launcher's last lines) if it fails or takes longer than
+    ``timeout`` seconds; every process the launch started is killed first.
+    """
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        raise ValueError(f"unknown run(s) {unknown or '(none given)'}: choose from {', '.join(RUNS)}")
+    out = Path(out or tempfile.mkdtemp(prefix="sharding-"))
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*/rank*.json"):
+        old.unlink()
+    if RUNS[names[0]].launcher == "python":
+        nproc = 1
+    if RUNS[names[0]].launcher == "deepspeed" and not (shutil.which("c++") or shutil.which("g++")):
+        raise LaunchError(diagnose("c++: not found", None, False, timeout))  # DeepSpeed would fail on its first op
+    port = port or free_port()
+    cmd = command(names, out, port, nproc, extra)
+    title = " + ".join(RUNS[n].title for n in names)
+    t0 = time.perf_counter()
+    # A session of its own, so a timeout kills the launcher and every rank it started.
+    tag = f"{os.getpid()}-{port}-{time.time_ns()}"
+    log_path = out / "launch.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(tag), stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        # Stop whatever is left: on a timeout everything; after a failure, ranks a launcher may have orphaned.
+        stop_launch(tag)
+        proc.wait()
+    seconds = time.perf_counter() - t0
+    log = log_path.read_text(errors="replace")
+    reports = {n: sorted((json.loads(p.read_text()) for p in (out / n).glob("rank*.json")), key=lambda r: r["rank"])
+               for n in names}
+    if timed_out or proc.returncode != 0 or any(len(r) != nproc for r in reports.values()):
+        reason = diagnose(log, proc.returncode, timed_out, timeout)
+        tail = "\n".join(log.splitlines()[-25:])
+        raise LaunchError(f"{title} failed after {seconds:.0f} s: {reason}\n"
+                          f"command: {' '.join(cmd)}\nfull log: {out / 'launch.log'}\n--- last lines ---\n{tail}")
+    for r in (r for ranks in reports.values() for r in ranks):
+        r["launch_seconds"], r["command"] = seconds, cmd
+    return reports
+
+
+def stop_launch(tag: str) -> int:
+    """Kill every process started by the launch tagged ``tag`` (found by its environment: launchers start ranks in
+    sessions of their own, so a process group or tree is not enough). Returns how many were killed."""
+    import psutil
+
+    killed = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(LAUNCH_TAG) == tag:
+                p.send_signal(signal.SIGKILL)
+                killed.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    psutil.wait_procs(killed, timeout=10)
+    return len(killed)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ZeRO paper's per-rank model states (Rajbhandari et al. 2020, section 5)
+# ------------------------------------------------------------------------------------------------
+def zero_model_states(params: int, stage: int, world_size: int, weight_bytes: int = 2, grad_bytes: int = 2,
+                      k: int = 12) -> dict[str, float]:
+    """Bytes of model states per rank: weights, gradients and optimizer state (K bytes per parameter: fp32
+    master weights, momentum and variance for mixed-precision Adam). The paper's defaults give stage 0
+    16 Psi, stage 1 4 Psi + 12 Psi / N, stage 2 2 Psi + 14 Psi / N, stage 3 16 Psi / N."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage {stage!r}: 0 (plain data parallel), 1, 2 or 3")
+    n = world_size
+    return {"weights": params * weight_bytes / (n if stage >= 3 else 1),
+            "gradients": params * grad_bytes / (n if stage >= 2 else 1),
+            "optimizer": params * k / (n if stage >= 1 else 1)}

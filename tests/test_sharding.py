@@ -1,0 +1,127 @@
+"""Lesson 09's launches, for real, on the tiny model: two CPU ranks over gloo with torchrun and deepspeed.
+
+Each rank's model states (measured by identity) must equal helpers.estimate's per-rank prediction, the
+losses must match one process's, and a launch that goes wrong must fail fast with a sentence saying why.
+"""
+
+import socket
+import time
+
+import psutil
+import pytest
+
+from helpers.estimate import Recipe, predict
+from helpers.models import tiny_config
+from helpers.sharding import RUNS, LaunchError, command, diagnose, launch, zero_model_states
+
+TINY = ["--model", "tiny", "--seq-len", "16"]
+
+
+def recipe_for(name: str) -> Recipe:
+    spec = RUNS[name]
+    return Recipe(batch_size=1, seq_len=16, world_size=2, zero_stage=spec.stage, offload_optimizer=spec.offload,
+                  engine="deepspeed" if spec.engine == "zero" else "torch")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    runs = launch("single", out=out / "single", extra=TINY, timeout=180)
+    runs |= launch("fsdp", out=out / "fsdp", extra=TINY, timeout=180)
+    runs |= launch("zero1", "zero2", "zero3", "zero2_offload", out=out / "zero", extra=TINY, timeout=300)
+    return runs
+
+
+@pytest.mark.parametrize("name", ["fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
+def test_each_rank_holds_its_predicted_share(reports, name):
+    ranks = reports[name]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert {r["backend"] for r in ranks} == {"gloo"}
+    predicted = predict(tiny_config(), recipe_for(name))
+    whole = predict(tiny_config(), Recipe(batch_size=1, seq_len=16)).gradients
+    for r in ranks:
+        for category, measured in r["model_states"].items():
+            if category == "gradients" and name in ("zero1", "zero2"):
+                # DeepSpeed's reduced gradients are views into larger buffers (lesson 09): the storage a rank
+                # keeps lies between its partition and every gradient.
+                assert whole / 2 * 0.98 <= measured <= whole * 1.02, (name, r["rank"], measured)
+            else:
+                assert measured == pytest.approx(getattr(predicted, category), rel=0.01), (name, r["rank"], category)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
+def test_losses_match_one_process(reports, name):
+    single = reports["single"][0]["losses"]
+    assert len(single) == 3 and single[0] != single[-1]  # it trained
+    for r in reports[name]:
+        assert r["losses"] == pytest.approx(single, rel=1e-4)
+
+
+def test_sharding_shrinks_what_the_formula_says(reports):
+    """Stage by stage, the measured per-rank bytes move as the ZeRO formulas move (fp32: 4 + 4 + 12 bytes)."""
+    params = reports["zero1"][0]["params"]
+    for name in ("zero1", "zero2", "zero3"):
+        formula = zero_model_states(params, RUNS[name].stage, 2, weight_bytes=4, grad_bytes=4, k=12)
+        states = reports[name][1]["model_states"]
+        for category in ("weights", "optimizer") if name != "zero3" else formula:
+            assert states[category] == pytest.approx(formula[category], rel=0.01), (name, category)
+
+
+def _workers_alive(out) -> list:
+    alive = []
+    for p in psutil.process_iter(["cmdline"]):
+        if str(out) in " ".join(p.info["cmdline"] or []):
+            alive.append(p)
+    return alive
+
+
+def test_a_dead_rank_fails_fast_with_a_reason(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(LaunchError, match="A rank died") as err:
+        launch("fsdp", out=tmp_path, extra=[*TINY, "--die-at-rank", "1"], timeout=120)
+    assert time.perf_counter() - t0 < 100
+    assert "exiting on purpose" in str(err.value) or "exitcode" in str(err.value)
+    assert not _workers_alive(tmp_path)
+
+
+def test_a_taken_port_fails_fast_with_a_reason(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(LaunchError, match="port is already in use"):
+            launch("fsdp", out=tmp_path, port=s.getsockname()[1], extra=TINY, timeout=120)
+    assert not _workers_alive(tmp_path)
+
+
+def test_a_run_over_its_time_limit_is_killed_whole(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(LaunchError, match="did not finish within 4 s"):
+        launch("fsdp", out=tmp_path, extra=TINY, timeout=4)
+    assert time.perf_counter() - t0 < 30
+    assert not _workers_alive(tmp_path)
+
+
+def test_a_missing_compiler_is_named():
+    log = ("RuntimeError: Error building extension 'deepspeed_shm_comm'\n"
+           "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
+    assert "C++ compiler" in diagnose(log, 1, False, 60)
+    assert "C++ compiler" not in diagnose("Traceback ...\nValueError: bad batch", 1, False, 60)
+
+
+def test_commands_are_the_real_launchers(tmp_path):
+    assert command("ddp", tmp_path, 1234)[1:3] == ["launch", "--multi_gpu"]
+    assert command("fsdp", tmp_path, 1234)[0].endswith("torchrun")
+    zero = command(["zero1", "zero2"], tmp_path, 1234)
+    assert zero[0].endswith("deepspeed") and "zero1,zero2" in zero
+    with pytest.raises(ValueError, match="different launchers"):
+        command(["ddp", "zero2"], tmp_path, 1234)
+    with pytest.raises(ValueError, match="unknown run"):
+        launch("zero4", out=tmp_path)
+
+
+def test_deepspeed_without_a_compiler_is_refused_before_launching(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no c++ / g++ to be found
+    t0 = time.perf_counter()
+    with pytest.raises(LaunchError, match="C\\+\\+ compiler"):
+        launch("zero2", out=tmp_path, extra=TINY, timeout=60)
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "launch.log").exists()
