@@ -140,7 +140,7 @@ class Recipe:
     # gradients, 3 also weights (FSDP full shard is stage 3). ``engine="deepspeed"`` adds DeepSpeed's fp32 master
     # partition to the optimizer state (it keeps one whatever the weights' dtype) and steps its flat partition as
     # one tensor. ``offload_optimizer`` moves optimizer state and gradient partition to CPU memory (nothing moves
-    # when the device is the CPU).
+    # when the device is the CPU). DeepSpeed at zero_stage=0 is plain data parallel, like DDP.
     zero_stage: int = 0
     world_size: int = 1
     engine: str = "torch"  # torch (DDP, FSDP) | deepspeed
@@ -461,7 +461,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
         tmp = 0
     phases["optimizer step"] = (p_train * grad_bytes, tmp)
     if recipe.world_size > 1 or recipe.zero_stage or recipe.engine == "deepspeed":
-        w, state, phases = _shard(recipe, w, state, phases, p_train * grad_bytes, rotary_buffer_bytes(d))
+        w, state, phases = _shard(recipe, w, state, phases, p_train, rotary_buffer_bytes(d))
 
     name, (grads, acts) = max(phases.items(), key=lambda kv: kv[1][0] + kv[1][1])
     report = MemoryReport(weights=w, gradients=grads, optimizer=state, activations=acts, device=recipe.device)
@@ -469,23 +469,24 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     return report
 
 
-def _shard(recipe: Recipe, w: int, state: int, phases: dict, all_grads: int, buffers: int):
+def _shard(recipe: Recipe, w: int, state: int, phases: dict, p_train: int, buffers: int):
     """One rank's share of a data-parallel step (the ZeRO paper's partitioning, section 5). Buffers (the rotary
     frequencies) are not parameters: every rank keeps them whole."""
     n, stage = recipe.world_size, recipe.zero_stage
+    all_grads = p_train * recipe_grad_bytes(recipe)
 
     def part(x: int, sharded: bool) -> int:
         return -(-x // n) if sharded else x
 
-    if recipe.engine == "deepspeed":
-        state += all_grads // recipe_grad_bytes(recipe) * 4  # the fp32 master copy of every trainable parameter
+    zero_optimizer = recipe.engine == "deepspeed" and stage >= 1  # DeepSpeed's ZeRO optimizer wraps the step
+    if zero_optimizer:
+        state += p_train * 4  # its fp32 master copy of every trainable parameter
     state = part(state, stage >= 1)
     w = part(w - buffers, stage >= 3) + buffers
     phases = {k: (part(g, stage >= 2), a) for k, (g, a) in phases.items()}
-    if recipe.engine == "deepspeed" and recipe.optimizer in ("adamw", "adam"):
+    if zero_optimizer and recipe.optimizer in ("adamw", "adam"):
         # The inner optimizer steps one flat fp32 partition: AdamW's two temporaries are the partition's size.
-        flat = part(all_grads // recipe_grad_bytes(recipe) * 4, stage >= 1)
-        phases["optimizer step"] = (part(all_grads, stage >= 2), 2 * flat)
+        phases["optimizer step"] = (part(all_grads, stage >= 2), 2 * part(p_train * 4, True))
     elif stage >= 3:  # FSDP: each parameter's shard is stepped on its own
         g, tmp = phases["optimizer step"]
         phases["optimizer step"] = (g, part(tmp, True))

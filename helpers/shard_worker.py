@@ -23,6 +23,7 @@ The engines, written the way a practitioner writes them today:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,14 +48,17 @@ def global_batch(rows: int, seq_len: int, step: int, vocab: int | None = None) -
     if vocab is not None:
         ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(step))
         return {"input_ids": ids, "labels": ids}
+    batch = course_corpus().train_batch(rows, seq_len, step=step)
+    return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
+
+@functools.cache
+def course_corpus():
+    """The course corpus, tokenized once per process (the first 200 k characters: plenty for a few steps)."""
     from .data import Corpus
     from .models import load_tokenizer
 
-    global _corpus
-    if "_corpus" not in globals():
-        _corpus = Corpus(load_tokenizer(), max_chars=200_000)
-    batch = _corpus.train_batch(rows, seq_len, step=step)
-    return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+    return Corpus(load_tokenizer(), max_chars=200_000)
 
 
 def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
@@ -64,8 +68,10 @@ def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
         zero.update(stage3_prefetch_bucket_size=2_000_000, stage3_param_persistence_threshold=0)
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
+    # gradient_clipping: DeepSpeed 0.19 clips the gradient norm to 1.0 unless told otherwise; the PyTorch loops
+    # here do not clip, so neither does this (the HF Trainer sets it from max_grad_norm, also 1.0 by default).
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
@@ -77,23 +83,24 @@ class Run:
         dist = torch.distributed
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        model = build_model(args)
+        model = build_model(args).train()  # the lesson's models load in eval mode; the engines train them
         self.params = sum(p.numel() for p in model.parameters())
         self.module = self.model = model
-        self.optimizer = self.inner = torch.optim.AdamW(model.parameters(), lr=LR)  # inner: holds .state
+        if engine == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:  # one unit per decoder block, then the rest (embedding, norm)
+                fully_shard(block)
+            fully_shard(model)  # before the optimizer: it must see the sharded parameters
+        # ``model`` runs the step (the engine's wrapper); ``module`` is the plain model; ``inner`` the torch optimizer
+        # whose ``.state`` holds the moments (DeepSpeed wraps it in its ZeRO optimizer).
+        self.optimizer = self.inner = torch.optim.AdamW(model.parameters(), lr=LR)
         if engine == "zero":
             import deepspeed
 
             cfg = deepspeed_config(stage, offload, args.micro_batch)
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.inner, config=cfg)
             self.inner = self.optimizer.optimizer
-        elif engine == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.model.layers:  # one unit per decoder block, then the rest (embedding, norm)
-                fully_shard(block)
-            fully_shard(model)
-            self.optimizer = self.inner = torch.optim.AdamW(model.parameters(), lr=LR)  # on the sharded params
         elif engine == "ddp":
             self.model, self.optimizer = accelerator().prepare(model, self.optimizer)
 
@@ -251,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--die-at-rank", type=int, default=None, help="testing: this rank exits after joining the group")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher passes it
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1 (the last step is the measured one)")
     from .sharding import RUNS
 
     names = args.runs.split(",")

@@ -103,24 +103,45 @@ def environment(tag: str = "") -> dict[str, str]:
     return env
 
 
+COMPILER_MISSING = ("not found", "command failed", "error building extension", "no such file")
+
+
 def diagnose(log: str, returncode: int | None, timed_out: bool, limit: float) -> str:
-    """One sentence on why a launch failed, from the launcher's output."""
-    text = log.lower()
-    if "eaddrinuse" in text or "address already in use" in text:
+    """One sentence on why a launch failed, from the launcher's output (each sign matched within one line)."""
+    lines = [line.lower() for line in log.splitlines()]
+
+    def any_line(*needles, also=("",)):
+        return any(any(n in line for n in needles) and any(a in line for a in also) for line in lines)
+
+    if any_line("eaddrinuse", "address already in use"):
         return ("The rendezvous port is already in use (another run, or a previous one that has not exited): "
                 "launch again with another port (launch(..., port=None) picks a free one).")
-    if ("ninja" in text or "gcc" in text or "c++" in text) and ("not found" in text or "command failed" in text
-                                                                or "error building extension" in text):
+    if any_line("ninja", "gcc", "g++", "c++", "error building extension", also=COMPILER_MISSING):
         return ("DeepSpeed could not compile one of its ops: it needs a C++ compiler (gcc/g++) and ninja on "
                 "this machine (`apt install build-essential`, `pip install ninja`).")
     if timed_out:
         return (f"The run did not finish within {limit:.0f} s and was stopped (all its processes killed). "
                 "A rank may be waiting for one that died, or the machine is busy; see the last lines below.")
-    dead = [line.strip() for line in log.splitlines() if "exitcode" in line and "exitcode  : 0" not in line]
-    if "exiting on purpose" in text or dead or "childfailederror" in text or "killing subprocess" in text:
+    # torchrun: "exitcode  : 3" in its failure table; deepspeed: "... exits with return code = 3"
+    if any_line("childfailederror", "exits with return code", "killing subprocess") or any(
+            "exitcode" in line and "exitcode  : 0" not in line for line in lines):
         return ("A rank died (non-zero exit); the launcher stopped the others. Its own error is in the lines "
                 "below (look for the first Traceback).")
     return f"The launcher exited with status {returncode}; see the last lines below."
+
+
+def _read_reports(out: Path, names) -> dict[str, list[dict]]:
+    """Each run's rank reports, rank 0 first; a report a killed rank left half-written is left out."""
+    reports = {}
+    for name in names:
+        ranks = []
+        for path in (out / name).glob("rank*.json"):
+            try:
+                ranks.append(json.loads(path.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+        reports[name] = sorted(ranks, key=lambda r: r["rank"])
+    return reports
 
 
 def launch(*names: str, out: str | Path | None = None, port: int | None = None, timeout: float = 240,
@@ -146,7 +167,7 @@ def launch(*names: str, out: str | Path | None = None, port: int | None = None, 
     cmd = command(names, out, port, nproc, extra)
     title = " + ".join(RUNS[n].title for n in names)
     t0 = time.perf_counter()
-    # A session of its own, so a timeout kills the launcher and every rank it started.
+    # Every process of the launch inherits this tag, so all of them can be found and stopped (stop_launch).
     tag = f"{os.getpid()}-{port}-{time.time_ns()}"
     log_path = out / "launch.log"
     with open(log_path, "w") as log_file:
@@ -159,11 +180,12 @@ def launch(*names: str, out: str | Path | None = None, port: int | None = None, 
             timed_out = True
         # Stop whatever is left: on a timeout everything; after a failure, ranks a launcher may have orphaned.
         stop_launch(tag)
-        proc.wait()
+        if proc.poll() is None:  # the tag could not be read (another OS, no permission): its process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     seconds = time.perf_counter() - t0
     log = log_path.read_text(errors="replace")
-    reports = {n: sorted((json.loads(p.read_text()) for p in (out / n).glob("rank*.json")), key=lambda r: r["rank"])
-               for n in names}
+    reports = _read_reports(out, names)
     if timed_out or proc.returncode != 0 or any(len(r) != nproc for r in reports.values()):
         reason = diagnose(log, proc.returncode, timed_out, timeout)
         tail = "\n".join(log.splitlines()[-25:])

@@ -36,6 +36,8 @@ def cases():
             ({**RIGHT_CONFIG, "zero_optimization": {**zero, "offload_param": {"device": "cpu"}}}, "ZeRO-3"),
             ({**RIGHT_CONFIG, "zero_optimization": {"stage": 2, "offload_optimiser": {"device": "cpu"}}}, "rejects"),
             ({"zero_optimization": zero}, "batch size"),
+            ({**RIGHT_CONFIG, "train_micro_batch_size_per_gpu": 0}, "whole number"),
+            ({**RIGHT_CONFIG, "train_micro_batch_size_per_gpu": "8"}, "whole number"),
             ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_optimization"),
             ("zero2.json", "dict")]),
     }

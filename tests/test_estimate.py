@@ -357,7 +357,7 @@ def test_zero_stages_shard_what_the_paper_says():
     one = predict(config, base.but(world_size=1))
     stages = {s: predict(config, base.but(zero_stage=s)) for s in range(4)}
     master = trainable_params(config, Recipe()) * 4
-    assert stages[0].optimizer == one.optimizer  # stage 0 replicates (with DeepSpeed's fp32 master copy)
+    assert stages[0].optimizer == one.optimizer  # stage 0 replicates (no ZeRO optimizer, no master copy)
     assert stages[1].optimizer == -(-(optimizer_state_bytes(config, Recipe()) + master) // 4)
     assert stages[1].gradients == stages[0].gradients and stages[2].gradients < stages[1].gradients
     assert stages[3].weights < stages[2].weights == stages[0].weights

@@ -127,9 +127,13 @@ def zero2_offload_config(answer):
     if "offload_param" in zero:
         return False, ("'offload_param' offloads the parameters, which only ZeRO-3 does (stage 2 ignores it "
                        "silently): leave it out.")
-    if not any(k in answer for k in ("train_micro_batch_size_per_gpu", "train_batch_size")):
+    sizes = {k: answer[k] for k in ("train_micro_batch_size_per_gpu", "train_batch_size") if k in answer}
+    if not sizes:
         return False, ("DeepSpeed needs a batch size: set 'train_micro_batch_size_per_gpu' (a number, or 'auto' "
                        "under the HF Trainer / Accelerate, which fill it in).")
+    for key, value in sizes.items():
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return False, f"{key} is {value!r}: a whole number of sequences (1 or more), or 'auto'."
     return True, ("ZeRO-2 with the fp32 master weights, the Adam moments and the gradient partition in CPU "
                   "memory; the GPU keeps the 16-bit weights and the gradient buckets, and the CPU runs the "
                   "optimizer step (DeepSpeedCPUAdam under the Trainer or Accelerate).")
