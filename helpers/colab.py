@@ -1,9 +1,10 @@
 """The first cell of every lesson: one set-up that works locally and in Google Colab.
 
-``SETUP_CELL`` is that cell's source (helpers/notebooks.py stamps it into every notebook). It makes
-``helpers`` importable (in Colab after cloning the course) and calls ``setup()``, which in Colab
-pip-installs only the libraries that are missing, never Colab's own torch, and everywhere prints the
-device the lessons will use. Locally it installs nothing and starts no process: ``bash setup.sh`` did.
+``SETUP_CELL`` is that cell's source (helpers/notebooks.py stamps it into every notebook, with the
+"Open in Colab" badge of ``colab_badge`` just above it). It makes ``helpers`` importable (in Colab
+after cloning the course) and calls ``setup()``, which in Colab pip-installs only the libraries that are
+missing, never Colab's own torch, and everywhere prints the device the lessons will use. Locally it
+installs nothing and starts no process: ``bash setup.sh`` did.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 
 REPO_URL = "https://github.com/memory-efficient-llms/course"
+BRANCH = "main"  # the branch an "Open in Colab" badge opens
+COLAB_BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 # Only a comment in requirements.txt: it must be installed with --no-deps (it declares
 # llama-cpp-python, a long native build the course never uses).
@@ -23,7 +26,9 @@ NEVER_INSTALL = frozenset({"torch"})  # Colab's CUDA torch must stay; locally se
 # In Colab also leave alone what Colab itself runs on (a new ipykernel or jupyterlab can break the
 # runtime) and the test/lint tools, which no lesson imports.
 # pandas: Colab pins its own 2.x, and the lessons need nothing from 3.x.
-COLAB_SKIP = NEVER_INSTALL | {"ipykernel", "jupyterlab", "pytest", "nbval", "ruff", "pandas"}
+# ipython, jupyter-client and psutil: Colab's runtime runs on its own versions; any version does for the lessons.
+COLAB_SKIP = NEVER_INSTALL | {"ipykernel", "jupyterlab", "pytest", "nbval", "ruff", "pandas", "ipython",
+                              "jupyter-client", "psutil"}
 CPU_ONLY = "CPU only: no CUDA GPU was found; every lesson runs on CPU, just slower"
 
 # Plain Python (subprocess, not `!git`), so ruff and py_compile accept the notebooks. Locally the course
@@ -43,6 +48,20 @@ if root is None and "google.colab" in sys.modules:  # Colab: fetch the course on
     os.chdir(root / "notebooks")
 sys.path[:] = [str(root), *(p for p in sys.path if p != str(root))]
 course_setup = __import__("helpers.colab", fromlist=["setup"]).setup()  # assigned, so nothing is echoed"""
+
+
+def colab_url(name: str, repo_url: str = REPO_URL, branch: str = BRANCH) -> str:
+    """Where Colab opens the *student* notebook ``notebooks/<name>`` straight from GitHub."""
+    match = re.fullmatch(r"https://github\.com/([^/]+)/([^/]+?)(?:\.git)?/?", repo_url)
+    if match is None:
+        raise ValueError(f"not a GitHub repository URL: {repo_url!r}")
+    org, repo = match.groups()
+    return f"https://colab.research.google.com/github/{org}/{repo}/blob/{branch}/notebooks/{name}"
+
+
+def colab_badge(name: str) -> str:
+    """The Markdown "Open in Colab" badge for lesson ``name`` (e.g. '04_lora.ipynb')."""
+    return f"[![Open In Colab]({COLAB_BADGE_IMAGE})]({colab_url(name)})"
 
 
 def in_colab() -> bool:

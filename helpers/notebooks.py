@@ -3,12 +3,15 @@
     python -m helpers.notebooks build              # regenerate notebooks/NN_*.ipynb from solutions/
     python -m helpers.notebooks check              # exit 1 if anything drifts (tests and CI)
     python -m helpers.notebooks execute [03 ...]   # re-run solutions in place (outputs kept), then build
+    python -m helpers.notebooks badges             # the "Open in Colab" badge of each lesson, for README.md
 
 A solution notebook is the finished lesson with its outputs. Solution code sits between a line
 ``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` (the nbgrader convention); markdown answers sit
 between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION -->``. The student version replaces each
 region and clears every output. The first code cell of every notebook is the course set-up cell,
-``SETUP_CELL`` in helpers/colab.py, stamped in here so no lesson can drift from it.
+``SETUP_CELL`` in helpers/colab.py, stamped in here so no lesson can drift from it; just above it sits a
+markdown cell with the lesson's "Open in Colab" badge (``colab_badge``: it opens the *student* notebook
+``notebooks/NN_x.ipynb`` from GitHub), stamped the same way, so a new lesson gets both from ``build``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import copy
 import os
 import sys
 import textwrap
+from fnmatch import fnmatch
 from pathlib import Path
 
 import nbformat
 
-from helpers.colab import SETUP_CELL
+from helpers.colab import COLAB_BADGE_IMAGE, SETUP_CELL, colab_badge
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN = "[0-9][0-9]_*.ipynb"  # lessons only: scratch notebooks next to them are left alone
@@ -35,6 +39,9 @@ MARKDOWN_STUB = ("*Your answer here.*",)
 # regenerated student notebook differ from the last one.
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed")
 SETUP_CELL_ID = "course-setup"  # fixed, so that inserting the set-up cell is deterministic
+# The badge cell's id names its lesson ("colab-badge-04"): an id shared by every lesson would make
+# notebooks of different lessons look alike to anything that compares cell ids (helpers.grade does).
+BADGE_CELL_ID = "colab-badge"
 HINT = "run: python -m helpers.notebooks build"
 
 
@@ -169,6 +176,61 @@ def stamp_setup_cell(nb, name: str = "notebook") -> bool:
     return True
 
 
+def is_lesson(name: str) -> bool:
+    """True for a lesson file name (NN_topic.ipynb): only lessons have a student notebook to open in Colab."""
+    return fnmatch(Path(name).name, PATTERN)
+
+
+def is_badge_cell(cell) -> bool:
+    """A markdown cell that is the course's Colab badge: by its id (``colab-badge-NN``), or (an old or copied
+    one) by being nothing but a link around Colab's badge image."""
+    if cell.cell_type != "markdown":
+        return False
+    text = cell.source.strip()
+    return str(cell.get("id", "")).startswith(BADGE_CELL_ID) or (
+        COLAB_BADGE_IMAGE in text and text.startswith("[![") and "\n" not in text)
+
+
+def badge_cell_id(name: str) -> str:
+    """The badge cell's id for lesson ``name``: 'colab-badge-04' for '04_lora.ipynb'."""
+    return f"{BADGE_CELL_ID}-{Path(name).name[:2]}"
+
+
+def stamp_colab_badge(nb, name: str) -> bool:
+    """Put lesson ``name``'s "Open in Colab" badge in a markdown cell just above the first code cell (the
+    set-up cell), in place; True if anything changed. A badge that points to another notebook or sits
+    elsewhere is rewritten or moved, and extra copies are removed. Run ``stamp_setup_cell`` first."""
+    want = colab_badge(Path(name).name)
+    with_ids = nb.get("nbformat_minor", 0) >= 5  # notebooks before format 4.5 have no cell ids
+    badges = [i for i, cell in enumerate(nb.cells) if is_badge_cell(cell)]
+    code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    if not code:
+        raise ValueError(f"{name}: no code cell to put the Colab badge above (stamp the set-up cell first)")
+    if (badges == [code[0] - 1] and nb.cells[badges[0]].source == want
+            and (not with_ids or nb.cells[badges[0]].get("id") == badge_cell_id(name))):
+        return False
+    cell = nb.cells[badges[0]] if badges else nbformat.v4.new_markdown_cell()
+    if with_ids:
+        cell.id = badge_cell_id(name)
+    else:
+        cell.pop("id", None)
+    for index in reversed(badges):
+        del nb.cells[index]
+    cell.source = want
+    nb.cells.insert(next(i for i, c in enumerate(nb.cells) if c.cell_type == "code"), cell)
+    return True
+
+
+def stamp(nb, name: str = "notebook") -> bool:
+    """Stamp the set-up cell and, for a lesson file name, the Colab badge above it; True if anything changed.
+
+    Only those two cells are touched: every other cell, its source and its outputs stay as they are."""
+    changed = stamp_setup_cell(nb, name)
+    if is_lesson(name):
+        changed = stamp_colab_badge(nb, name) or changed
+    return changed
+
+
 def _replace_regions(cell, where: str) -> str:
     lines = cell.source.split("\n")
     stub = CODE_STUB if cell.cell_type == "code" else MARKDOWN_STUB
@@ -180,9 +242,12 @@ def _replace_regions(cell, where: str) -> str:
 
 
 def student_version(nb, name: str = "notebook"):
-    """The student notebook for a solution notebook (pure: ``nb`` is not modified)."""
+    """The student notebook for a solution notebook (pure: ``nb`` is not modified).
+
+    With a lesson file ``name`` (NN_topic.ipynb) it carries that lesson's Colab badge."""
+    solution_regions(nb, name)  # unbalanced markers are reported with the cell numbers of the source
     nb = copy.deepcopy(nb)
-    stamp_setup_cell(nb, name)
+    stamp(nb, name)
     # Widget state is output too (saved by the executing kernel) and would show answers.
     nb.metadata.pop("widgets", None)
     for index, cell in enumerate(nb.cells):
@@ -216,8 +281,8 @@ def build(solutions_dir="solutions", notebooks_dir="notebooks", check: bool = Fa
     solutions = sorted(solutions_dir.glob(PATTERN))
     for source in solutions:
         nb = _read(source)
-        if stamp_setup_cell(nb, source.name):
-            # Only the set-up cell is rewritten; the solution's outputs stay as they were.
+        if stamp(nb, source.name):
+            # Only the set-up cell and the badge are rewritten; the solution's outputs stay as they were.
             changed.append(str(source))
             if not check:
                 nbformat.write(nb, source, version=4)
@@ -247,7 +312,7 @@ def execute(path, timeout: int = 900, cwd=None):
 
     path = Path(path)
     nb = _read(path)
-    stamp_setup_cell(nb, path.name)  # the set-up cell is what makes `helpers` importable
+    stamp(nb, path.name)  # the set-up cell is what makes `helpers` importable
     # record_timing=False: timestamps would change every solution file on every run.
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(cwd or path.parent)}})
@@ -273,7 +338,7 @@ def _select(solutions_dir: Path, names: list[str]) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.notebooks", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["build", "check", "execute"])
+    parser.add_argument("command", choices=["build", "check", "execute", "badges"])
     parser.add_argument("names", nargs="*", help="execute only: lessons to run, e.g. 03 or 03_lora")
     parser.add_argument("--timeout", type=int, default=900, help="execute only: seconds per cell")
     args = parser.parse_args(argv)
@@ -282,6 +347,10 @@ def main(argv=None) -> int:
     def show(paths):
         return "\n".join("  " + os.path.relpath(p) for p in paths)
 
+    if args.command == "badges":
+        for path in sorted(solutions.glob(PATTERN)):
+            print(f"{path.stem}: {colab_badge(path.name)}")
+        return 0
     if args.command == "check":
         drift = build(solutions, notebooks, check=True)
         if drift:

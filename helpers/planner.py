@@ -1,24 +1,89 @@
-"""Plan a run before starting it: the largest batch that fits a memory budget, from the predictor.
+"""Plan a run before starting it: will it fit this GPU, and what is the cheapest recipe that does?
 
-    budget = int(2.25 * 2**30)                                    # 2.25 GiB
-    largest_batch(model.config, Recipe(seq_len=128), budget)      # course model, fp32 AdamW: 3
-    largest_batch(model.config, Recipe(seq_len=128, gradient_checkpointing=True), budget)   # 9
+    plan("llama-3-8b", "T4", batch_size=4, seq_len=1024, lora=True, weights="nf4")   # a Plan: peak, fits, headroom
+    cheapest_fit("llama-3-8b", "L4", batch_size=8, seq_len=1024)   # the first recipe on the cost ladder that fits
+    planner()                                                      # the same, as widgets (Jupyter)
+    largest_batch(model.config, Recipe(seq_len=128), budget)      # the largest batch that fits a byte budget
 
-Nothing runs on a device: every candidate batch is a call to ``helpers.estimate.predict``, so the
-answer is as good as the prediction for that recipe. Confirm it by measuring the batch it returns.
+Nothing runs on a device: every answer is ``helpers.estimate.predict``, so it is as good as the prediction for
+that recipe (lessons 00 to 09 put it beside measurements). Models are the configs shipped in
+``helpers/model_configs`` (``MODELS``), no download; any transformers config works too.
+
+GPU budgets (``GPUS``). A card sold as "16 GB" does not give you 16 GB: the driver shows PyTorch a little less
+(``torch.cuda.get_device_properties(0).total_memory`` is 15,102 MiB, about 15.8e9 bytes, on a T4; an H200 sold as
+141 GB shows 143,156 MiB), and before the first tensor the CUDA context, cuBLAS workspaces and the caching
+allocator's slack take their share. One convention here: the label read in decimal gigabytes (16 GB = 16e9 bytes),
+of which ``USABLE`` (90 %) is the budget. A T4's budget is 14.4e9 bytes, 13.4 GiB. Numbers are shown in GiB.
+
+The cost ladder (``cheapest_fit``, every candidate in order: ``ladder``). Techniques are ordered by what they
+cost you, and the cheapest recipe is the first that fits:
+
+    rung   adds                                   costs
+    1      nothing: full fine-tune, fp32, AdamW   nothing
+    2      gradient checkpointing                 about 30 % more time (each block's forward runs twice)
+    3      paged 8-bit AdamW                      a little quality risk (the moments are quantized)
+    4      checkpointing and 8-bit AdamW          both
+    5-8    rungs 1-4 as LoRA (rank 16, every linear layer) over 16-bit weights: far fewer weights train
+    9-12   rungs 1-4 as QLoRA: LoRA over nf4 weights (double quantization): quantization error, slower steps
+
+Each technique costs more than every combination of the cheaper ones, so the ladder counts in binary. Two things
+cost nothing and are tried on every rung before the next: gradient accumulation (the same effective batch in
+micro-batches of batch, batch/2, ... 1: no quality lost, only GPU efficiency) and, for a full fine-tune, mixed
+precision (autocast in the GPU's 16-bit type, after plain fp32 at each micro-batch; on tensor cores it is faster).
+For inference (``training=False``) the ladder is the weight format: fp32, 16-bit, int8, nf4. Sharding across
+several GPUs (ZeRO, FSDP: lesson 09) and CPU offload are out of scope: the planner plans one GPU.
 """
 
 from __future__ import annotations
 
+import numbers
+from dataclasses import dataclass, field, replace
+from functools import cache
+
 from .estimate import Recipe, predict
+from .memory import CATEGORIES, LABELS, MemoryReport
 
 GiB = 2**30
+USABLE = 0.90  # the share of a card's label the planner budgets (see the module docstring)
+LORA_RANK = 16  # lora=True: rank 16 on every linear layer, the QLoRA paper's targets
+TECHNIQUES = ("weights", "autocast", "lora", "gradient_checkpointing", "optimizer", "gradient_accumulation_steps",
+              "training")  # the toggles plan() takes
+
+# Smallest first: the order of the widget's list.
+MODELS = ("smollm2-135m", "smollm2-360m", "smollm2-1.7b", "mistral-7b", "qwen2.5-7b", "llama-3-8b", "qwen2.5-14b",
+          "llama-3-70b", "qwen2.5-72b")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU preset: its label in GB and the 16-bit type its tensor cores run (a T4 has no bf16)."""
+
+    name: str
+    gb: float
+    half: str = "bf16"
+
+    @property
+    def budget(self) -> int:
+        """Bytes the planner lets a run use: the label in decimal GB, times ``USABLE``."""
+        return int(self.gb * 1e9 * USABLE)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.gb:g} GB, budget {self.budget / GiB:.1f} GiB)"
+
+
+GPUS = {g.name: g for g in (
+    GPU("8 GB", 8), GPU("12 GB", 12),  # consumer cards (RTX 3060 to 4070 class)
+    GPU("T4", 16, half="fp16"), GPU("L4", 24), GPU("RTX 4090", 24),
+    GPU("A100 40GB", 40), GPU("A100 80GB", 80), GPU("H100", 80), GPU("H200", 141))}
 
 
 def _gib(n: float) -> str:
     return f"{n / GiB:,.3f} GiB"
 
 
+# ------------------------------------------------------------------------------------------------
+# The batch planner: a byte budget and a recipe
+# ------------------------------------------------------------------------------------------------
 def fits(config, recipe: Recipe, budget_bytes: float) -> bool:
     """Whether the predicted peak of ``recipe`` stays within ``budget_bytes``."""
     return predict(config, recipe).peak <= budget_bytes
@@ -54,3 +119,225 @@ def largest_batch(config, recipe: Recipe, budget_bytes: float, max_batch: int = 
             break
         best = batch
     return best
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory planner: a model, a GPU, a recipe
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """One recipe for one model on one GPU, with its predicted peak by category."""
+
+    model: str
+    gpu: GPU
+    batch_size: int  # the effective batch: micro-batch x accumulation steps
+    seq_len: int
+    recipe: Recipe
+    report: MemoryReport = field(repr=False)
+    note: str = ""  # what cheapest_fit found, in a sentence
+
+    @property
+    def peak(self) -> int:
+        return self.report.peak
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.gpu.budget
+
+    @property
+    def headroom(self) -> int:
+        """Bytes left under the budget at the peak; negative when it does not fit."""
+        return self.gpu.budget - self.peak
+
+    @property
+    def label(self) -> str:
+        return describe(self.recipe)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{LABELS[c]} {getattr(self.report, c) / GiB:,.2f}" for c in CATEGORIES)
+        moment = f" at {self.report.result}" if self.report.result else ""  # which moment of the step
+        verdict = (f"fits, {self.headroom / GiB:,.2f} GiB to spare" if self.fits
+                   else f"does not fit, {-self.headroom / GiB:,.2f} GiB over")
+        text = (f"{self.model} on {self.gpu}: batch {self.batch_size} x {self.seq_len:,} tokens, {self.label}. "
+                f"Predicted peak {self.peak / GiB:,.2f} GiB{moment} ({parts} GiB): {verdict}.")
+        return text + (f"\n{self.note}" if self.note else "")
+
+    def __repr__(self) -> str:
+        return f"<Plan {self}>"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{LABELS[c]}</td><td style='text-align:right'>{getattr(self.report, c) / GiB:,.2f}"
+                       "</td></tr>" for c in CATEGORIES)
+        colour, word = ("green", "fits") if self.fits else ("#b00", "does not fit")
+        spare = f"{abs(self.headroom) / GiB:,.2f} GiB {'to spare' if self.fits else 'over'}"
+        note = f"<p>{self.note}</p>" if self.note else ""
+        return (f"<p><b>{self.model}</b> on <b>{self.gpu}</b>: batch {self.batch_size} &times; {self.seq_len:,} "
+                f"tokens, {self.label}</p><table><tr><th>category</th><th>GiB at peak</th></tr>{rows}"
+                f"<tr><td><b>peak</b></td><td style='text-align:right'><b>{self.peak / GiB:,.2f}</b></td></tr>"
+                f"</table><p style='color:{colour}'><b>{word}</b>: {spare}</p>{note}")
+
+    def plot(self, ax=None):
+        """A stacked bar by category against the GPU's budget line."""
+        return plot_plans({"this recipe": self}, ax=ax)
+
+
+def describe(recipe: Recipe) -> str:
+    """A recipe in words: "LoRA r16 over nf4 (double quant) weights, gradient checkpointing, AdamW"."""
+    base = recipe.weights + (" (double quant)" if recipe.double_quant and recipe.weights in ("nf4", "fp4") else "")
+    if not recipe.training:
+        return f"inference, {base} weights"
+    words = [f"LoRA r{recipe.lora_rank} over {base} weights" if recipe.lora_rank else f"full fine-tune, {base} weights"]
+    if recipe.autocast:
+        words.append(f"{recipe.autocast} autocast")
+    if recipe.gradient_checkpointing:
+        words.append("gradient checkpointing")
+    words.append({"adamw": "AdamW", "adamw8bit": "8-bit AdamW", "paged_adamw8bit": "paged 8-bit AdamW",
+                  "adafactor": "Adafactor"}.get(recipe.optimizer, recipe.optimizer))
+    if recipe.gradient_accumulation_steps > 1:
+        words.append(f"micro-batch {recipe.batch_size} x {recipe.gradient_accumulation_steps} accumulation steps")
+    return ", ".join(words)
+
+
+@cache
+def _config(name: str):
+    from .models import reference_config
+
+    return reference_config(name)
+
+
+def _model(model):
+    """(name, config) for a name in MODELS (any shipped config works) or a config given directly."""
+    if not isinstance(model, str):
+        return getattr(model, "_name_or_path", "") or "custom model", model
+    try:
+        return model, _config(model.lower())
+    except ValueError:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}, "
+                         "or pass a transformers config") from None
+
+
+def _gpu(gpu) -> GPU:
+    if isinstance(gpu, GPU):
+        return gpu
+    key = "".join(ch for ch in str(gpu).lower() if ch.isalnum())
+    for preset in GPUS.values():
+        if "".join(ch for ch in preset.name.lower() if ch.isalnum()) == key:
+            return preset
+    raise ValueError(f"unknown GPU {gpu!r}: choose one of {', '.join(GPUS)}, or pass GPU(name, gb) for another card")
+
+
+def _whole(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="fp32", autocast=None, lora=False,
+            gradient_checkpointing=False, optimizer="adamw", gradient_accumulation_steps=1) -> Recipe:
+    steps = _whole("gradient_accumulation_steps", gradient_accumulation_steps)
+    if batch_size % steps:
+        raise ValueError(f"batch_size {batch_size} does not split into {steps} equal micro-batches: "
+                         "gradient_accumulation_steps must divide it")
+    if autocast is True:  # a checkbox: the GPU's own 16-bit type
+        autocast = gpu.half
+    rank = LORA_RANK if lora is True else int(lora or 0)
+    quantized = weights in ("int8", "nf4", "fp4")
+    # On a GPU, a quantized base keeps embeddings, norms and lm_head in 16 bit (from_pretrained(dtype=...)), and
+    # a 4-bit base uses double quantization, as in the QLoRA recipe.
+    return Recipe(batch_size=batch_size // steps, seq_len=seq_len, training=training, weights=weights,
+                  double_quant=weights in ("nf4", "fp4"), unquantized=gpu.half if quantized else "fp32",
+                  optimizer=optimizer if training else "none", autocast=autocast or None, lora_rank=rank,
+                  lora_targets="all-linear", gradient_checkpointing=gradient_checkpointing and training,
+                  gradient_accumulation_steps=steps, device="cuda")
+
+
+def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> Plan:
+    """Predict one recipe on one GPU: ``plan("smollm2-135m", "T4", batch_size=8, seq_len=512)``.
+
+    ``model``: a name in ``MODELS`` (or a transformers config); ``gpu``: a name in ``GPUS`` (spaces, case and
+    dashes do not matter: "a100-80gb") or ``GPU(name, gb)``; ``batch_size``: the effective batch, split into
+    micro-batches by ``gradient_accumulation_steps``. Technique toggles, as ``helpers.estimate.Recipe`` has them:
+    ``weights`` ("fp32", "bf16", "fp16", "int8", "nf4"), ``autocast`` (None, "bf16", "fp16", or True for the GPU's
+    16-bit type), ``lora`` (False, True for rank 16 on every linear layer, or a rank), ``gradient_checkpointing``,
+    ``optimizer`` ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "sgd"), ``gradient_accumulation_steps``,
+    and ``training`` (False: one forward pass, no KV cache). Raises ``ValueError`` naming the valid choices.
+    """
+    unknown = sorted(set(techniques) - set(TECHNIQUES))
+    if unknown:
+        raise ValueError(f"plan() has no toggle {', '.join(unknown)}: choose among {', '.join(TECHNIQUES)}")
+    name, config = _model(model)
+    gpu = _gpu(gpu)
+    batch_size, seq_len = _whole("batch_size", batch_size), _whole("seq_len", seq_len)
+    recipe = _recipe(gpu, batch_size, seq_len, **techniques)
+    return Plan(name, gpu, batch_size, seq_len, recipe, predict(config, recipe))
+
+
+def ladder(gpu, batch_size: int, seq_len: int, training: bool = True) -> list[tuple[str, Recipe]]:
+    """Every recipe ``cheapest_fit`` tries, cheapest first, each with its rung's name (module docstring)."""
+    gpu = _gpu(gpu)
+    batch_size, seq_len = _whole("batch_size", batch_size), _whole("seq_len", seq_len)
+    if not training:  # loading only: 16-bit costs nothing, int8 time, nf4 some quality
+        return [(f"{w} weights", _recipe(gpu, batch_size, seq_len, training=False, weights=w))
+                for w in ("fp32", gpu.half, "int8", "nf4")]
+    bases = (("full fine-tune", {}), ("LoRA", {"lora": True, "weights": gpu.half}),
+             ("QLoRA", {"lora": True, "weights": "nf4"}))
+    extras = (("", {}), (" + checkpointing", {"gradient_checkpointing": True}),
+              (" + 8-bit AdamW", {"optimizer": "paged_adamw8bit"}),
+              (" + checkpointing + 8-bit AdamW", {"gradient_checkpointing": True, "optimizer": "paged_adamw8bit"}))
+    micro = [batch_size // k for k in range(1, batch_size + 1) if batch_size % k == 0]  # largest first
+    rungs = []
+    for base, base_toggles in bases:
+        for extra, extra_toggles in extras:
+            for m in micro:
+                for amp in ((False, True) if base == "full fine-tune" else (False,)):
+                    rungs.append((base + extra, _recipe(gpu, batch_size, seq_len, autocast=amp, **base_toggles,
+                                                        **extra_toggles, gradient_accumulation_steps=batch_size // m)))
+    return rungs
+
+
+def cheapest_fit(model, gpu, batch_size: int = 1, seq_len: int = 512, training: bool = True) -> Plan:
+    """The first recipe on the cost ladder (``ladder``, module docstring) whose predicted peak fits ``gpu``.
+
+    If nothing fits, the plan with the smallest peak comes back, ``fits`` False, and its ``note`` says so.
+    """
+    name, config = _model(model)
+    gpu = _gpu(gpu)
+    candidates = ladder(gpu, batch_size, seq_len, training)
+    rungs = list(dict.fromkeys(rung for rung, _ in candidates))
+    plans = []
+    for rung, recipe in candidates:
+        p = Plan(name, gpu, batch_size, seq_len, recipe, predict(config, recipe))
+        if p.fits:
+            return replace(p, note=f"Cheapest recipe that fits: rung {rungs.index(rung) + 1} of {len(rungs)} on "
+                                   f"the cost ladder, {rung}.")
+        plans.append(p)
+    best = min(plans, key=lambda p: p.peak)
+    note = (f"Nothing on the cost ladder fits {gpu.name} at batch {batch_size} x {seq_len:,} tokens: the smallest "
+            f"predicted peak is {best.peak / GiB:,.2f} GiB ({best.label}), {-best.headroom / GiB:,.2f} GiB over the "
+            f"budget of {gpu.budget / GiB:,.2f} GiB. Shorten seq_len, choose a larger GPU, or shard across several "
+            "(lesson 09).")
+    return replace(best, note=note)
+
+
+def plot_plans(plans: dict, ax=None, title: str = ""):
+    """Stacked bars by category (``helpers.plots``) for ``{"label": Plan}``, with each GPU's budget as a line."""
+    from .plots import stacked_bars
+
+    ax = stacked_bars({k: p.report for k, p in plans.items()}, title=title, ax=ax, unit=GiB, unit_name="GiB")
+    for text, p in zip(ax.texts, plans.values(), strict=False):  # stacked_bars writes whole units: too coarse here
+        text.set_text(f"{p.peak / GiB:,.1f}")
+    for gpu in dict.fromkeys(p.gpu for p in plans.values()):
+        ax.axhline(gpu.budget / GiB, color="black", linestyle="--", linewidth=1, label=f"{gpu.name} budget")
+    top = max(max(p.peak, p.gpu.budget) for p in plans.values())
+    ax.set_ylim(0, top / GiB * 1.12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.figure.tight_layout()
+    return ax
+
+
+def planner(**start):
+    """The interactive planner (ipywidgets, imported only now): ``planner(model="llama-3-8b", gpu="T4")``."""
+    from .planner_widget import PlannerApp
+
+    return PlannerApp(**start)
+

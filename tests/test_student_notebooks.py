@@ -4,8 +4,9 @@ A student notebook is its solution with each solution region replaced by a stub,
 every solution. So what remains to prove is that no cell after an exercise depends on what the region
 did, which is checked statically for every lesson (the names it binds: ruff F821 on the student
 notebook; anything else it does: ``helpers.notebooks.solution_side_effects``), plus one student
-notebook executed for real. Executing every student notebook doubles the suite's run time; set
-COURSE_RUN_STUDENT_NOTEBOOKS=all to do it anyway (before a release, say).
+notebook executed for real (lesson 00's, as the blank submission of tests/test_grade.py). Executing
+every student notebook doubles the suite's run time; set COURSE_RUN_STUDENT_NOTEBOOKS=all to do it anyway
+(before a release, say).
 """
 
 import os
@@ -22,7 +23,9 @@ from helpers.notebooks import CODE_STUB, solution_side_effects, student_version
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
-EXECUTED_BY_DEFAULT = {"00_where_the_memory_goes"}  # the shortest lesson: the stubs and checks, end to end
+# Lesson 00's student notebook is executed end to end by tests/test_grade.py (the blank submission: every cell
+# runs, no error but the exercises' NotImplementedError, every check "not attempted"), so not a second time here.
+EXECUTED_BY_DEFAULT: set[str] = set()
 
 
 def undefined_names(folder: Path) -> list[str]:

@@ -11,4 +11,5 @@ from . import (
     lesson07,  # noqa: F401
     lesson08,  # noqa: F401
     lesson09,  # noqa: F401
+    lesson10,  # noqa: F401
 )

@@ -1,0 +1,306 @@
+"""The instructor's batch grader (helpers/grade.py), end to end through its command line.
+
+Two grader runs do the work: one over lesson 00 submissions (the solution, the blank student notebook, a
+student notebook that cheats, and files that are not lesson 00 notebooks at all), one over tiny synthetic
+lesson 00 notebooks with short limits (an infinite loop, a memory hog). Lesson 00 is the fastest lesson,
+about a minute a run on two cores; everything else here runs no kernel.
+"""
+
+import csv
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers import grade
+from helpers.notebooks import CODE_STUB
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTION_00 = ROOT / "solutions" / "00_where_the_memory_goes.ipynb"
+STUDENT_00 = ROOT / "notebooks" / "00_where_the_memory_goes.ipynb"
+STUDENT_01 = ROOT / "notebooks" / "01_loading_in_8bit_and_4bit.ipynb"
+EXERCISES_00 = ["weights_7b", "adamw_state_bytes", "largest_category", "logits_bytes"]
+
+# Runs in the graded kernel: every way a notebook can make the checks say "passed" from the inside.
+CHEAT = """\
+import helpers.checks as hc
+import helpers.exercises
+from helpers.checks import CheckResult
+
+def check(name, answer=None, **context):
+    return CheckResult(name, "passed", "looks right to me", 1.0, 1.0)
+
+hc.check = hc.run_check = check
+for ex in hc.EXERCISES.values():
+    ex.fn = lambda answer, **context: (True, "passed")
+hc._load_lesson_checks = lambda: None
+"""
+
+
+def _env():
+    return {**os.environ, "COURSE_STRICT_CHECKS": "1"}  # the graded kernels must not inherit it
+
+
+def run_grader(*args, cwd=ROOT, timeout=3000):  # generous: three lesson runs on a busy 2-core machine
+    return subprocess.run([sys.executable, "-m", "helpers.grade", *map(str, args)], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {Path(r["submission"]).name: r for r in csv.DictReader(f)}
+
+
+def fingerprint(paths):
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in paths}
+
+
+def notebook(*cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    return nb
+
+
+def cheating_student_notebook():
+    """The student notebook with wrong answers, the cheat above, one check cell deleted, one edited."""
+    nb = nbformat.read(STUDENT_00, as_version=4)
+    imports = next(i for i, c in enumerate(nb.cells) if "from helpers.checks import check" in c.source)
+    wrong = {"bf16_bytes_7b": "bf16_bytes_7b, nf4_bytes_7b = 7e9, 7e9", "adamw_state_bytes": "adamw_state_bytes = 1",
+             "largest": "largest = 'weights'", "logits_bytes": "logits_bytes = 12"}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and CODE_STUB[1] in cell.source:
+            answer = next(v for k, v in wrong.items() if cell.source.startswith(k))
+            cell.source = cell.source.replace(CODE_STUB[1], answer)
+    checks = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("check(")]
+    assert len(checks) == 4
+    checks[1].source = 'check("adamw_state_bytes", 8 * n_params, n_params=n_params)'  # edited to the right answer
+    nb.cells.remove(checks[2])  # deleted
+    # Cells no check needs go too (timings, perplexity, the GPU section, the last experiment): a minute less.
+    for marker in ("time_it(forward", "torch.cuda.is_available()", "def step_holding_output"):
+        nb.cells.remove(next(c for c in nb.cells if marker in c.source))
+    nb.cells.insert(imports + 1, nbformat.v4.new_code_cell(CHEAT))
+    nb.cells.append(nbformat.v4.new_code_cell(CHEAT + "\nfor name in hc.EXERCISES:\n    check(name, 0)"))
+    return nb
+
+
+@pytest.fixture(scope="module")
+def lesson00(tmp_path_factory):
+    """One grader run over every lesson-00 submission: the rows by file name, the CLI result, the files."""
+    folder = tmp_path_factory.mktemp("submissions")
+    (folder / "solution.ipynb").write_bytes(SOLUTION_00.read_bytes())
+    (folder / "blank.ipynb").write_bytes(STUDENT_00.read_bytes())
+    nbformat.write(cheating_student_notebook(), folder / "cheat.ipynb")
+    (folder / "other_lesson.ipynb").write_bytes(STUDENT_01.read_bytes())
+    data = SOLUTION_00.read_bytes()
+    (folder / "truncated.ipynb").write_bytes(data[:len(data) // 2])
+    (folder / "random.ipynb").write_bytes(os.urandom(4096))
+    (folder / "answers.py").write_text("adamw_state_bytes = 8 * 134_515_008\n")
+    (folder / "list.ipynb").write_text("[1, 2, 3]\n")
+    nbformat.write(notebook(CHEAT + "\nimport helpers.estimate\nhelpers.estimate.predict = lambda *a, **k: None",
+                            "bf16_bytes_7b, nf4_bytes_7b = 1, 2", "n_params = 1000\nadamw_state_bytes = 1"),
+                   folder / "patches_the_course.ipynb")
+    files = sorted(folder.iterdir())
+    before = fingerprint(files)
+    out = tmp_path_factory.mktemp("out") / "grades.csv"
+    result = run_grader(*files, folder / "missing.ipynb", "--lesson", "00", "--out", out)
+    return {"rows": read_rows(out) if out.exists() else {}, "result": result, "files": files, "before": before,
+            "out": out}
+
+
+def test_the_grader_runs_through_every_submission(lesson00):
+    result = lesson00["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert set(lesson00["rows"]) == {p.name for p in lesson00["files"]} | {"missing.ipynb"}
+    with open(lesson00["out"], newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f))
+    assert header == ["submission", "lesson", *EXERCISES_00, "total", "max", "status", "peak_memory_mib", "reason"]
+    assert "solution.ipynb" in result.stdout and "4/4" in result.stdout  # the summary table
+
+
+def test_submissions_are_never_written_to(lesson00):
+    assert fingerprint(lesson00["files"]) == lesson00["before"]
+    folder = lesson00["files"][0].parent
+    assert sorted(folder.iterdir()) == lesson00["files"]  # nothing added next to them either
+
+
+def test_the_solution_gets_full_marks(lesson00):
+    row = lesson00["rows"]["solution.ipynb"]
+    assert row["status"] == "graded", row
+    assert [row[e] for e in EXERCISES_00] == ["1"] * 4, row["reason"]
+    assert (row["total"], row["max"], row["lesson"]) == ("4", "4", "00_where_the_memory_goes")
+    assert row["reason"] == ""
+    assert float(row["peak_memory_mib"]) > 500  # the course model alone is 513 MiB in fp32
+
+
+def test_a_blank_notebook_gets_zero(lesson00):
+    row = lesson00["rows"]["blank.ipynb"]
+    assert row["status"] == "graded"
+    assert [row[e] for e in EXERCISES_00] == ["0"] * 4
+    assert (row["total"], row["max"]) == ("0", "4")
+    for name in EXERCISES_00:
+        assert f"{name}: not attempted" in row["reason"], row["reason"]
+    # The CLI was started with COURSE_STRICT_CHECKS=1: had the kernel inherited it, the notebook's own check
+    # cells would have raised AssertionError for the blank answers.
+    assert "errors in cell" not in row["reason"], row["reason"]
+
+
+def test_redefining_or_editing_the_checks_gains_nothing(lesson00):
+    row = lesson00["rows"]["cheat.ipynb"]
+    assert row["status"] == "graded"
+    assert (row["total"], row["max"]) == ("0", "4"), row["reason"]
+    for name in EXERCISES_00:  # graded on the real answers, with the real checks' feedback
+        assert f"{name}: not yet" in row["reason"], row["reason"]
+    assert "weights_7b: not yet: bf16: you said 7.00 GB; that is 1 byte per parameter (int8)" in row["reason"]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("other_lesson.ipynb", "another lesson's notebook: --lesson says lesson 00, but its cells are lesson 01's"),
+    ("truncated.ipynb", "a damaged notebook: its JSON ends early (truncated file?)"),
+    ("random.ipynb", "not a notebook: the file is not text"),
+    ("answers.py", "not a notebook: the file is not JSON"),
+    ("list.ipynb", "not a notebook: valid JSON, but it has no cells"),
+    ("missing.ipynb", "cannot read the file"),
+])
+def test_what_is_not_a_lesson_00_notebook_gets_a_row_with_the_reason(lesson00, name, reason):
+    row = lesson00["rows"][name]
+    assert row["status"] == "not graded"
+    assert row["reason"].startswith(reason), row["reason"]
+    assert (row["total"], row["max"]) == ("0", "4")  # --lesson 00: scored as lesson 00, with nothing
+    assert [row[e] for e in EXERCISES_00] == ["0"] * 4
+
+
+def test_patching_the_course_modules_gains_nothing(lesson00):
+    row = lesson00["rows"]["patches_the_course.ipynb"]
+    assert row["total"] == "0", row["reason"]
+    # Lesson 00's checks import no other course module, so the patch to helpers.estimate is irrelevant here;
+    # detecting such patches is tested below (test_a_changed_course_function_is_detected).
+    assert "weights_7b: not yet" in row["reason"] and "adamw_state_bytes: not yet" in row["reason"]
+
+
+@pytest.fixture(scope="module")
+def limits(tmp_path_factory):
+    """Tiny lesson-00 notebooks (told by their file names) graded with a 3 s cell limit and 1 GiB of memory."""
+    folder = tmp_path_factory.mktemp("limits")
+    right = "bf16_bytes_7b, nf4_bytes_7b = 14e9, 3.9375e9\nn_params = 1000\nadamw_state_bytes = 8000"
+    hog = "hog = bytearray(3 * 2**30)\nhog[::4096] = b'x' * len(hog[::4096])"  # touched: really 3 GiB
+    nbformat.write(notebook(hog, "x = 1", "while True:\n    pass", right), folder / "00_limits.ipynb")
+    nbformat.write(notebook("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
+                            right), folder / "00_stubborn_loop.ipynb")
+    out = folder / "grades.csv"
+    result = run_grader(folder, "--cell-timeout", "3", "--memory-limit", "1G", "--out", out, timeout=300)
+    return {"rows": read_rows(out) if out.exists() else {}, "result": result}
+
+
+def test_a_memory_hog_and_an_infinite_loop_are_cut_and_later_cells_still_count(limits):
+    assert limits["result"].returncode == 0, limits["result"].stderr[-3000:]
+    row = limits["rows"]["00_limits.ipynb"]  # told from its file name: no lesson 00 cell in it
+    assert row["lesson"] == "00_where_the_memory_goes" and row["status"] == "graded"
+    assert "cell 0 ran out of memory (limit 1 GiB): MemoryError" in row["reason"], row["reason"]
+    assert "cell 2 exceeded the time limit (3 s) and was interrupted" in row["reason"], row["reason"]
+    assert (row["weights_7b"], row["adamw_state_bytes"], row["total"], row["max"]) == ("1", "1", "2", "4")
+    assert "largest_category: missing: name 'largest' is not defined" in row["reason"]
+    assert float(row["peak_memory_mib"]) < 1024
+
+
+def test_a_loop_that_ignores_the_interrupt_stops_the_kernel(limits):
+    row = limits["rows"]["00_stubborn_loop.ipynb"]
+    assert "cell 0 exceeded the time limit (3 s) and did not stop when interrupted" in row["reason"], row["reason"]
+    assert row["total"] == "0" and "exercises not graded: the kernel is gone" in row["reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces, without a kernel
+# ------------------------------------------------------------------------------------------------
+SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
+def test_the_answer_key_is_every_check_call_of_the_solution(path):
+    import re
+
+    nb = nbformat.read(path, as_version=4)
+    written = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            written += [n for n in re.findall(r"""\bcheck\(\s*["'](\w+)["']""", cell.source) if n not in written]
+    key = grade.check_calls(nb)
+    assert [c.name for c in key] == written and written
+    for call in key:
+        assert call.code.startswith(f"{grade.CHECK_FN}({call.name!r}")
+
+
+def test_the_answer_key_keeps_the_solutions_arguments():
+    nb = notebook("x = 1", 'check("a", (x, y), n=n, **extra)\n%matplotlib inline\ncheck("b", z)', "print('check(')")
+    assert [(c.name, c.code) for c in grade.check_calls(nb)] == [
+        ("a", f"{grade.CHECK_FN}('a', (x, y), n=n, **extra)"), ("b", f"{grade.CHECK_FN}('b', z)")]
+
+
+STUDENTS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", STUDENTS, ids=[p.stem for p in STUDENTS])
+def test_a_lesson_is_told_from_its_cells_whatever_the_file_is_called(path):
+    nb = nbformat.read(path, as_version=4)
+    assert grade.identify_lesson(Path("alice.ipynb"), nb) == (path.name[:2], None)
+    other = "01" if path.name[:2] == "00" else "00"
+    lesson, reason = grade.identify_lesson(Path(f"{other}_mine.ipynb"), nb)
+    assert lesson is None and reason.startswith(f"another lesson's notebook: its file name says lesson {other}")
+
+
+def test_a_notebook_unlike_any_lesson_needs_a_name_or_lesson():
+    nb = notebook("x = 1")
+    assert grade.identify_lesson(Path("00_scratch.ipynb"), nb) == ("00", None)
+    assert grade.identify_lesson(Path("scratch.ipynb"), nb, forced="03") == ("03", None)
+    lesson, reason = grade.identify_lesson(Path("scratch.ipynb"), nb)
+    assert lesson is None and reason.startswith("cannot tell which lesson this is")
+    assert grade.lesson_from_name(Path("bob-00_where_the_memory_goes (1).ipynb")) == "00"
+    assert grade.lesson_from_name(Path("99_x.ipynb")) is None
+
+
+def test_a_changed_course_function_is_detected(monkeypatch):
+    import helpers.estimate as estimate
+
+    path = Path(estimate.__file__).resolve()
+    assert grade._changed_functions(estimate, path) == []
+    monkeypatch.setattr(estimate, "predict", lambda *a, **k: None)
+    monkeypatch.setattr(estimate.Dims, "of", classmethod(lambda cls, config: None))
+    assert sorted(grade._changed_functions(estimate, path)) == ["Dims.of", "predict"]
+
+
+def test_memory_sizes():
+    assert grade.parse_bytes("8G") == 8 * 2**30
+    assert grade.parse_bytes("512MiB") == 512 * 2**20
+    assert grade.parse_bytes("1.5g") == 3 * 2**29
+    assert grade.parse_bytes("none") is None
+    with pytest.raises(ValueError):
+        grade.parse_bytes("lots")
+
+
+def test_rows_of_several_lessons_share_one_header(tmp_path):
+    rows = [grade.Row("a.ipynb", "01_x", {"p": 1.0, "q": 0.0}, 2, "graded", None, ["q: not yet: hint"]),
+            grade.Row("b.ipynb", "00_y", {"r": 0.5}, 1, "graded", 900.0, []),
+            grade.Row("c.ipynb", reasons=["not a notebook"])]
+    header = grade.write_csv(rows, tmp_path / "g.csv")
+    assert header == ["submission", "lesson", "r", "p", "q", "total", "max", "status", "peak_memory_mib", "reason"]
+    got = list(csv.reader(open(tmp_path / "g.csv", encoding="utf-8")))[1:]
+    assert got == [["a.ipynb", "01_x", "", "1", "0", "1", "2", "graded", "", "q: not yet: hint"],
+                   ["b.ipynb", "00_y", "0.5", "", "", "0.5", "1", "graded", "900", ""],
+                   ["c.ipynb", "", "", "", "", "0", "0", "not graded", "", "not a notebook"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lesson", "99"], "no lesson '99'"),
+    (["--memory-limit", "lots"], "not a size"),
+    (["--out", "{sub}"], "is one of the submissions"),
+])
+def test_usage_errors_exit_2_without_a_traceback(tmp_path, args, message):
+    sub = tmp_path / "00_x.ipynb"
+    nbformat.write(notebook("x = 1"), sub)
+    result = run_grader(sub, *[a.format(sub=sub) for a in args], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "grades.csv").exists()
