@@ -116,7 +116,6 @@ class Attempt:
     losses: list[float]
     seconds_per_step: float  # median of the unmeasured steps after the warm-up
     trainable: int  # trainable parameters
-    tokens_per_step: int = 0
     problems: list[str] = field(default_factory=list)  # why the run does not count, if it does not
 
     @property
@@ -225,7 +224,7 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
             seen.append(ids.detach().reshape(-1, ids.shape[-1]).cpu())
 
     hook = model.get_input_embeddings().register_forward_pre_hook(record, with_kwargs=True)
-    losses, times, report, tokens = [], [], None, 0
+    losses, times, report = [], [], None
     try:
         for i, batch in enumerate(workload.batches(corpus)):
             seen.clear()
@@ -240,7 +239,6 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
                 times.append(elapsed)
             losses.append(float(loss) if isinstance(loss, (int, float, torch.Tensor)) else float("nan"))
             missing = _missing_rows(batch["input_ids"], seen)
-            tokens = sum(t.numel() for t in seen) if i == 1 else tokens
             if missing and not problems:
                 problems.append(f"step {i} fed the model {sum(t.numel() for t in seen):,} tokens but skipped "
                                 f"{missing} of the batch's {len(batch['input_ids'])} rows: the workload is fixed at "
@@ -249,9 +247,8 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
     finally:
         hook.remove()
     ppl_end = heldout_perplexity(model, corpus, max_chunks=workload.eval_chunks)
-    result = Attempt(name or getattr(recipe, "__name__", "recipe"), workload, report, ppl_start, ppl_end, reference,
-                     losses, statistics.median(times) if times else report.seconds, trainable, tokens, problems)
-    return result
+    return Attempt(name or getattr(recipe, "__name__", "recipe"), workload, report, ppl_start, ppl_end, reference,
+                   losses, statistics.median(times) if times else report.seconds, trainable, problems)
 
 
 def _missing_rows(rows: torch.Tensor, seen: list[torch.Tensor]) -> int:
