@@ -10,12 +10,14 @@
     result = attempt(my_recipe)            # runs the workload; measures; evaluates
     result.verdict()                       # (passed, feedback)
 
-``attempt`` is the referee. It builds the recipe, checks the model is the course model and starts
-untrained, then runs ``WORKLOAD.steps`` optimizer steps on the same fixed batches for every recipe:
-the first is a warm-up (it allocates the optimizer state), the second is measured with
-``helpers.memory.measure`` (exact tensor bytes by category), and a hook on the input embedding
-checks that every row of every batch really went through the model. Held-out perplexity is measured
-before the first step and after the last one.
+``attempt`` is the referee. It builds the recipe, checks the model is the course model, starts
+untrained, and has no 4-bit layer packed for CPU inference (that layout has no backward:
+``helpers.cpu_packing``), then runs ``WORKLOAD.steps`` optimizer steps on the same fixed batches for
+every recipe: the first is a warm-up (it allocates the optimizer state), the second is measured with
+``helpers.memory.measure`` (exact tensor bytes by category), a hook on the input embedding checks that
+every row of every batch really went through the model, and a hook on every trainable tensor checks
+that it got a non-zero gradient in some step. Held-out perplexity is measured before the first step
+and after the last one.
 
 A recipe passes when the measured peak is within ``budget`` and the held-out perplexity after the
 fine-tune is at most ``quality`` times the pretrained fp32 model's (so the fine-tune must learn
@@ -31,9 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cpu_packing import PackedWeightsError, ensure_trainable, packed_layers
 from .data import Corpus, heldout_perplexity
 from .estimate import Dims
-from .memory import CATEGORIES, LABELS, MemoryReport, MiB, measure
+from .memory import CATEGORIES, LABELS, MemoryReport, MiB, measure, unmetered
 
 # What each category's fix is, in the course's words (shown when that category busts the budget).
 ADVICE = {
@@ -186,8 +189,9 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
     """Build ``recipe()`` -> (model, optimizer, step), run the workload, and measure it (see the module text).
 
     Raises ``RecipeError`` when the recipe cannot be run as asked (wrong return value, not the course
-    model, no trainable parameter); a run that breaks a rule (rows skipped, a model trained before its
-    first step) returns an ``Attempt`` whose ``problems`` say why it does not count.
+    model, no trainable parameter, 4-bit layers already packed for CPU inference); a run that breaks a rule
+    (rows skipped, a model trained before its first step, a trainable tensor that never got a gradient,
+    layers packed during the run) returns an ``Attempt`` whose ``problems`` say why it does not count.
     """
     if not callable(recipe):
         raise RecipeError(f"the answer must be a function that builds (model, optimizer, step); got "
@@ -204,10 +208,14 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
     if dims != course_dims():
         raise RecipeError("the model is not the course model (its config differs): load it with "
                           "helpers.models.load_model(...), quantized or not.")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable == 0:
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
         raise RecipeError("no parameter of the model requires grad: nothing can learn. Did you forget "
                           "get_peft_model, or freeze everything?")
+    try:
+        ensure_trainable(model)  # and the referee's own evaluation below must not pack it either
+    except PackedWeightsError as err:
+        raise RecipeError(f"the run cannot count: {err}") from None
     corpus = course_corpus()
     reference = pretrained_perplexity(workload.eval_chunks)
     problems = []
@@ -223,7 +231,18 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
         if isinstance(ids, torch.Tensor) and ids.dtype == torch.long:
             seen.append(ids.detach().reshape(-1, ids.shape[-1]).cpu())
 
-    hook = model.get_input_embeddings().register_forward_pre_hook(record, with_kwargs=True)
+    learned: set[str] = set()  # trainable tensors that got a non-zero gradient at least once
+
+    def got_gradient(name):
+        def hook(p):
+            if name not in learned and p.grad is not None:
+                with unmetered():  # the referee's check is not part of the learner's peak
+                    if p.grad.any():
+                        learned.add(name)
+        return hook
+
+    hooks = [model.get_input_embeddings().register_forward_pre_hook(record, with_kwargs=True)]
+    hooks += [p.register_post_accumulate_grad_hook(got_gradient(name)) for name, p in trainable.items()]
     losses, times, report = [], [], None
     try:
         for i, batch in enumerate(workload.batches(corpus)):
@@ -244,11 +263,27 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None) -> A
                                 f"{missing} of the batch's {len(batch['input_ids'])} rows: the workload is fixed at "
                                 f"{workload.batch_size} x {workload.seq_len} tokens per optimizer step (split it into "
                                 "micro-batches with gradient accumulation instead of dropping rows).")
+    except PackedWeightsError as err:  # helpers.train refuses to train a packed model
+        raise RecipeError(f"the run cannot count: {err}") from None
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    silent = [name for name in trainable if name not in learned]
+    if silent:
+        problems.append(f"{len(silent)} of the model's {len(trainable)} trainable tensors (e.g. {silent[0]}) got no "
+                        f"gradient, or only zeros, in all {workload.steps} steps: they cannot learn. Look for 4-bit "
+                        "weights packed for CPU inference (no backward; helpers.cpu_packing), parameters the forward "
+                        "never uses, or a learning rate of 0 (LoRA's B then stays zero, and so does A's gradient); "
+                        "freeze what should not train.")
+    packed = packed_layers(model)
+    if packed:
+        problems.append(f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were packed for CPU inference during the run "
+                        "(an eval-mode forward without gradients with support_avx512bf16_for_cpu switched back on): "
+                        "that layout has no backward, so nothing below them learns.")
     ppl_end = heldout_perplexity(model, corpus, max_chunks=workload.eval_chunks)
     return Attempt(name or getattr(recipe, "__name__", "recipe"), workload, report, ppl_start, ppl_end, reference,
-                   losses, statistics.median(times) if times else report.seconds, trainable, problems)
+                   losses, statistics.median(times) if times else report.seconds,
+                   sum(p.numel() for p in trainable.values()), problems)
 
 
 def _missing_rows(rows: torch.Tensor, seen: list[torch.Tensor]) -> int:

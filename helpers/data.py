@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .cpu_packing import prevent_packing
+
 CHUNK = 128
 HELDOUT_FRACTION = 0.06
 SPLIT_SEED = 1234
@@ -84,6 +86,7 @@ def heldout_loss(model, corpus: Corpus, batch_size: int = 8, max_chunks: int | N
     """Mean next-token cross-entropy (nats per token) over the held-out chunks; batched, no grad."""
     device = next(model.parameters()).device
     data = corpus.heldout[:max_chunks]
+    prevent_packing(model)  # an eval forward must not make a 4-bit model untrainable (helpers.cpu_packing)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

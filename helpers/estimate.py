@@ -207,13 +207,13 @@ def _quantized_linear_bytes(out_f: int, in_f: int, recipe: Recipe) -> int:
     if recipe.weights == "int8":
         return n + 4 * out_f  # int8 weight + one fp32 scale per output row (SCB)
     blocks = -(-n // 64)  # 4-bit: blocks of 64 weights share one absmax
-    packed = -(-n // 2)  # two 4-bit codes per byte
-    code = 16 * 4  # each layer's 16-entry fp32 lookup table (NF4 or FP4 levels)
+    codes = -(-n // 2)  # two 4-bit codes per byte
+    table = 16 * 4  # each layer's 16-entry fp32 lookup table (NF4 or FP4 levels)
     if not recipe.double_quant:
-        return packed + 4 * blocks + code
+        return codes + 4 * blocks + table
     # Double quantization: absmax stored as uint8, itself scaled by one fp32 per 256 blocks
     # (plus a 256-entry code table and an fp32 offset).
-    return packed + blocks + 4 * (-(-blocks // 256)) + 256 * 4 + 4 + code
+    return codes + blocks + 4 * (-(-blocks // 256)) + 256 * 4 + 4 + table
 
 
 def rotary_buffer_bytes(d: Dims) -> int:

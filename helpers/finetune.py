@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from .cpu_packing import ensure_trainable, prevent_packing
 from .data import Corpus
 
 
@@ -92,6 +93,7 @@ def training_arguments(steps: int, lr: float, batch_size: int = 2, output_dir: s
 
 def evaluate_perplexity(model, corpus: Corpus, max_chunks: int = 16) -> float:
     """Held-out perplexity through ``Trainer.evaluate`` (the same number as ``helpers.data.heldout_perplexity``)."""
+    prevent_packing(model)  # evaluation must not leave 4-bit layers untrainable (helpers.cpu_packing)
     trainer = Trainer(model=model, args=training_arguments(steps=1, lr=0.0),
                       eval_dataset=HeldOutChunks(corpus, max_chunks))
     trainer.remove_callback(PrinterCallback)  # the caller prints what matters
@@ -104,6 +106,7 @@ def fine_tune(model, corpus: Corpus, steps: int, lr: float, batch_size: int = 2,
     ``TrainingArguments``, e.g. ``optim="paged_adamw_8bit"``). Returns a dict with
     ``ppl_before`` (None with ``evaluate_before=False``), ``ppl_after``, ``losses`` (training loss per
     logged step) and ``seconds_per_step``."""
+    ensure_trainable(model)  # Trainer.evaluate would pack 4-bit layers on some CPUs (helpers.cpu_packing)
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_arguments(steps, lr, batch_size, **training_overrides),
                       train_dataset=TrainChunks(corpus, batch_size, seq_len, steps),

@@ -6,8 +6,8 @@
 
 It answers the questions the techniques depend on: is there a CUDA GPU and of which compute
 capability (bf16 needs Ampere, 8.0, or newer; fp16 tensor cores need Volta, 7.0); does the CPU have
-AVX512-BF16 or AMX (fast bf16 matrix maths on CPU); and which bitsandbytes backend will run the
-8-bit and 4-bit layers.
+AVX512-BF16 or AMX (fast bf16 matrix maths on CPU); which bitsandbytes backend will run the
+8-bit and 4-bit layers; and whether bitsandbytes repacks 4-bit weights for CPU inference here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .cpu_packing import packing_supported
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -39,6 +41,7 @@ class HardwareCheck:
     cpu_bf16: bool  # AVX512-BF16 or AMX: fast bf16 matmuls on the CPU
     cpu_amx: bool
     bitsandbytes: str  # version and backend, or why it is unavailable
+    cpu_packs_4bit: bool = False  # bitsandbytes repacks 4-bit weights for CPU inference here (helpers.cpu_packing)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -60,6 +63,10 @@ class HardwareCheck:
         out.append("fp16 training (TrainingArguments(fp16=True)): " + (
             "available." if self.fp16_training else "needs a CUDA GPU; on this machine use bf16."))
         out.append(f"bitsandbytes: {self.bitsandbytes}.")
+        if self.cpu_packs_4bit:
+            out.append("4-bit on this CPU: bitsandbytes repacks a 4-bit layer for fast bf16 inference the first time "
+                       "it runs in eval mode without gradients, and that layout cannot be trained through; the "
+                       "course's helpers keep 4-bit weights unpacked (lesson 05 shows the trap).")
         out.extend(self.notes)
         return out
 
@@ -95,4 +102,5 @@ def hardware_check() -> HardwareCheck:
             check.notes.append("No bf16 on this GPU (a T4 or V100): use fp16 with a gradient scaler.")
         return check
     return HardwareCheck(cuda=False, gpu_name=None, compute_capability=None, bf16=True, fp16_training=False,
-                         cpu_bf16=cpu_bf16, cpu_amx=cpu_amx, bitsandbytes=_bitsandbytes())
+                         cpu_bf16=cpu_bf16, cpu_amx=cpu_amx, bitsandbytes=_bitsandbytes(),
+                         cpu_packs_4bit=packing_supported())

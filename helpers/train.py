@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_packing import ensure_trainable, prevent_packing
+
 
 def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool = False,
                     accumulation_steps: int = 1):
@@ -22,6 +24,7 @@ def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool 
     each micro-batch's loss is divided by k and back-propagated, the gradients add up in ``.grad``, and
     the optimizer steps once (equal micro-batches of unpadded tokens: lesson 07 shows when that is not enough).
     """
+    ensure_trainable(model)  # a 4-bit layer packed for CPU inference has no backward (helpers.cpu_packing)
     set_checkpointing(model, gradient_checkpointing)
     model.train()
     device = next(model.parameters()).device
@@ -45,6 +48,7 @@ def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool 
 
 def make_forward(model, batch: dict):
     """A closure running inference on ``batch`` (no grad), as ``generate`` or evaluation would."""
+    prevent_packing(model)  # the course measures the layout it trains (helpers.cpu_packing)
     model.eval()
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)

@@ -4,6 +4,7 @@ The recipes here run a small workload (2 rows of 128 tokens, 2 steps, 2 held-out
 costs seconds; the rules are the same as the lesson's.
 """
 
+import contextlib
 import functools
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import BitsAndBytesConfig
 from helpers import capstone
 from helpers.capstone import Workload
 from helpers.checks import FAIL, PASS, SKIP, run_check
+from helpers.cpu_packing import packing_supported, simulate_avx512bf16
 from helpers.estimate import predict
 from helpers.exercises.lesson10 import PLAN, SLIPS
 from helpers.memory import CATEGORIES, MiB
@@ -126,13 +128,86 @@ def test_over_budget_says_which_categories_and_what_to_do():
 
 def test_fits_but_does_not_learn():
     stingy = Workload(**{**SMALL.__dict__, "quality": 1.2})  # the nf4 base alone is about 1.3 x the fp32 model
-    result = grade(qlora(lr=0.0), stingy)
+    result = grade(qlora(lr=1e-7), stingy)
     assert result.status == FAIL and "did not learn enough" in result.message
 
 
 def test_dropping_rows_does_not_count():
     result = grade(qlora(rows=1))
     assert result.status == FAIL and "skipped 1 of the batch's 2 rows" in result.message
+
+
+def test_trainable_tensors_that_never_get_a_gradient_do_not_count():
+    result = grade(qlora(lr=0.0))  # LoRA's B stays zero, so A's gradient is zero in every step
+    assert result.status == FAIL and "got no gradient, or only zeros, in all 2 steps" in result.message, result.message
+    assert "lora_A" in result.message
+
+    def with_an_unused_parameter():
+        model, optimizer, step = qlora()()
+        model.register_parameter("unused", torch.nn.Parameter(torch.zeros(4)))  # trainable, never in the forward
+        return model, optimizer, step
+    result = grade(with_an_unused_parameter)
+    assert result.status == FAIL and "1 of the model's" in result.message and "e.g. unused" in result.message
+
+
+@pytest.fixture
+def avx512bf16():
+    """bitsandbytes as on a CPU with AVX512-BF16 (real where this CPU has it, simulated elsewhere)."""
+    with contextlib.nullcontext() if packing_supported() else simulate_avx512bf16():
+        yield
+
+
+def evaluated_first(recipe, reenable=False):
+    """``recipe``, with the model evaluated in eval mode without gradients before it is returned (the trap);
+    ``reenable`` first switches bitsandbytes' packing back on, as a model from from_pretrained has it."""
+    def build():
+        model, optimizer, step = recipe()
+        if reenable:
+            for layer in model.modules():
+                if hasattr(layer, "support_avx512bf16_for_cpu"):  # every bitsandbytes Linear4bit
+                    layer.support_avx512bf16_for_cpu = True
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=capstone.course_corpus().heldout[:1])
+        return model, optimizer, step
+    return build
+
+
+def test_a_model_packed_before_the_first_step_is_refused_on_every_cpu(avx512bf16):
+    result = grade(evaluated_first(qlora(), reenable=True))
+    assert result.status == FAIL and "packed by bitsandbytes for fast CPU inference" in result.message, result.message
+    assert "no backward" in result.message and "prevent_packing" in result.message
+
+
+def test_evaluating_a_model_from_load_model_before_returning_it_is_harmless(avx512bf16):
+    # load_model prevents the packing, so the same evaluation leaves the model trainable.
+    result = grade(evaluated_first(qlora()))
+    assert result.status == PASS, result.message
+
+
+@pytest.mark.filterwarnings("ignore:.*gemv_4bit.*autograd kernel")  # torch says so of the packed layer: the point
+@pytest.mark.parametrize("trainer", ["make_train_step", "own loop"])
+def test_layers_packed_during_the_run_are_refused(avx512bf16, trainer):
+    def packs_in_its_first_step():
+        model, optimizer, step = qlora()()
+        done = []
+
+        def own_loop(batch):  # what make_train_step does, without its refusal to train packed layers
+            model.train()
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        def sneaky(batch):
+            if not done:
+                done.append(evaluated_first(lambda: (model, optimizer, step), reenable=True)())
+            return (step if trainer == "make_train_step" else own_loop)(batch)
+        return model, optimizer, sneaky
+    result = grade(packs_in_its_first_step)
+    words = "were packed by bitsandbytes" if trainer == "make_train_step" else "packed for CPU inference during the run"
+    assert result.status == FAIL and words in result.message, result.message
 
 
 def test_a_model_trained_before_the_first_step_does_not_count(monkeypatch):

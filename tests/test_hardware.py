@@ -1,5 +1,6 @@
 """The hardware check reads CPU flags and gives one plain sentence per question."""
 
+from helpers.cpu_packing import packing_supported
 from helpers.hardware import HardwareCheck, cpu_flags, hardware_check
 
 
@@ -19,3 +20,12 @@ def test_verdicts_cover_cpu_and_a_gpu_without_bf16():
     lines = t4.lines()
     assert lines[0].startswith("GPU: Tesla T4, compute capability 7.5")
     assert any("not supported" in line for line in lines) and any("fp16" in line for line in lines)
+
+
+def test_a_cpu_where_bitsandbytes_packs_4bit_weights_says_so():
+    here = hardware_check()
+    assert here.cpu_packs_4bit == packing_supported()
+    packing = HardwareCheck(cuda=False, gpu_name=None, compute_capability=None, bf16=True, fp16_training=False,
+                            cpu_bf16=True, cpu_amx=True, bitsandbytes="0.50.2, CPU backend", cpu_packs_4bit=True)
+    assert any("cannot be trained through" in line and "lesson 05" in line for line in packing.lines())
+    assert not any("repacks" in line for line in HardwareCheck(**{**packing.__dict__, "cpu_packs_4bit": False}).lines())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers.memory import Meter, measure, weight_tensors
+from helpers.memory import Meter, measure, unmetered, weight_tensors
 from helpers.models import tiny_model
 from helpers.train import make_train_step
 
@@ -218,3 +218,13 @@ def test_saved_for_backward_separates_autocast_weight_copies_from_activations():
     saved32 = fp32["activations, torch.float32"]
     saved_amp = amp["activations, torch.float32"] + amp["activations, torch.bfloat16"]
     assert abs((saved32 - saved_amp) / blocks - 1) < 0.1  # the blocks' saving, as the estimator counts it
+
+
+def test_unmetered_tensors_are_invisible_to_the_meter_and_the_rest_still_counts():
+    def block():
+        kept = torch.ones(1000)  # 4,000 bytes, metered
+        with unmetered():
+            torch.ones(10_000).sum()  # 40,000 bytes the meter must not see (a referee's own check)
+        return kept
+    report = measure(block)
+    assert report.activations == report.peak == 4000

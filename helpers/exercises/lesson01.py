@@ -37,26 +37,26 @@ def nf4_footprint(answer, quantized_params: int | None = None, other_params: int
     if None in (quantized_params, other_params, linear_layers):
         return False, "run the cells above first: the check needs quantized_params, other_params and linear_layers."
     value = as_number(answer, "a number of bytes")
-    packed = quantized_params / 2
+    codes = quantized_params / 2
     absmax = quantized_params / 64 * 4
-    codes = linear_layers * 16 * 4
-    target = packed + absmax + codes + other_params * 4
+    tables = linear_layers * 16 * 4
+    target = codes + absmax + tables + other_params * 4
     if abs(value / target - 1) <= 0.02:
         tail = f" Measured: {human_bytes(measured)}." if measured else ""
         return True, (f"{human_bytes(value)}: half a byte per quantized weight, 4/64 byte of absmax, "
                       f"the rest in fp32.{tail}")
     hint = ratio_hint(value, target, {
-        (packed + other_params * 4) / target: "add the quantization constants: one fp32 absmax per 64 weights.",
-        (packed + absmax + codes + other_params * 2) / target: "bitsandbytes leaves the embedding and norms in the "
+        (codes + other_params * 4) / target: "add the quantization constants: one fp32 absmax per 64 weights.",
+        (codes + absmax + tables + other_params * 2) / target: "bitsandbytes leaves the embedding and norms in the "
                                                                 "dtype you loaded (fp32 here: 4 bytes), not 16 bit.",
         (quantized_params + other_params) * 0.5 / target: "only the linear layers inside the blocks are quantized; "
                                                          "the embedding (= lm_head) and the norms are not.",
-        (packed + absmax + codes) / target: "the embedding (= lm_head) and the norms still take memory: "
+        (codes + absmax + tables) / target: "the embedding (= lm_head) and the norms still take memory: "
                                             "add them in fp32.",
         2**-20: "that looks like MiB; the exercise asks for bytes.",
     }, rel=0.02)
     return False, f"you said {human_bytes(value)}. " + (
-        hint or "count packed 4-bit weights (0.5 byte), absmax (4 bytes per 64 weights), and the unquantized rest.")
+        hint or "count the 4-bit codes (half a byte per weight), absmax (4 bytes per 64), and the unquantized rest.")
 
 
 @exercise("smallest_within_5_percent", lesson=LESSON)
