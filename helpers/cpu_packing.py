@@ -4,7 +4,7 @@
     packed_layers(model)            # names of the 4-bit layers already packed ([] when none)
     ensure_trainable(model)         # prevent_packing, or PackedWeightsError if it is too late
     packing_supported()             # does bitsandbytes pack 4-bit weights on this CPU?
-    with simulate_avx512bf16(): ... # bitsandbytes behaves as on such a CPU (tests; lessons 01 and 05)
+    with as_on_avx512bf16(): ...    # bitsandbytes as on such a CPU: real there, simulated elsewhere
 
 The library behaviour (bitsandbytes 0.50, ``Linear4bit.forward`` in ``bitsandbytes/nn/modules.py``): on a
 CPU with AVX512-BF16, the first forward of a ``Linear4bit`` in **eval mode** on an input that does not
@@ -100,14 +100,15 @@ _simulating = False
 
 
 @contextmanager
-def simulate_avx512bf16():
+def as_on_avx512bf16():
     """Inside the block, bitsandbytes behaves as on a CPU with AVX512-BF16, whatever this CPU is.
 
-    It follows the library: 4-bit layers built inside the block get ``support_avx512bf16_for_cpu = True``
+    On a CPU that has AVX512-BF16 that is the real library, and nothing changes. Elsewhere the block simulates
+    it, following the library: 4-bit layers built inside the block get ``support_avx512bf16_for_cpu = True``
     (``Linear4bit.__init__`` asks ``has_avx512bf16()``), so their forward packs them exactly as on such a CPU;
     and ``gemv_4bit`` gets a CPU kernel registered the way bitsandbytes registers its own (no autograd formula),
-    computing the same product in plain PyTorch. Use each model inside the block only. On a CPU that has
-    AVX512-BF16 the real library runs and nothing is simulated; inside a simulation, a nested one changes nothing.
+    computing the same product in plain PyTorch. Use each model inside the block only. A block nested inside a
+    simulation changes nothing.
     """
     global _simulating
     if packing_supported() or _simulating:  # the real thing, or already inside a simulation

@@ -29,6 +29,15 @@ def course_tokenizer():
 
 
 @pytest.fixture
+def avx512bf16():
+    """bitsandbytes as on a CPU with AVX512-BF16: the real library where this CPU has it, simulated elsewhere."""
+    from helpers.cpu_packing import as_on_avx512bf16, packing_supported
+
+    with as_on_avx512bf16():
+        yield "real" if packing_supported() else "simulated"
+
+
+@pytest.fixture
 def lenient_checks(monkeypatch):
     """Check tests look at FAIL results, which strict mode (meant for solution notebooks) turns into errors."""
     monkeypatch.delenv("COURSE_STRICT_CHECKS", raising=False)

@@ -4,7 +4,6 @@ The recipes here run a small workload (2 rows of 128 tokens, 2 steps, 2 held-out
 costs seconds; the rules are the same as the lesson's.
 """
 
-import contextlib
 import functools
 
 import pytest
@@ -16,7 +15,6 @@ from transformers import BitsAndBytesConfig
 from helpers import capstone
 from helpers.capstone import Workload
 from helpers.checks import FAIL, PASS, SKIP, run_check
-from helpers.cpu_packing import packing_supported, simulate_avx512bf16
 from helpers.estimate import predict
 from helpers.exercises.lesson10 import PLAN, SLIPS
 from helpers.memory import CATEGORIES, MiB
@@ -148,13 +146,6 @@ def test_trainable_tensors_that_never_get_a_gradient_do_not_count():
         return model, optimizer, step
     result = grade(with_an_unused_parameter)
     assert result.status == FAIL and "1 of the model's" in result.message and "e.g. unused" in result.message
-
-
-@pytest.fixture
-def avx512bf16():
-    """bitsandbytes as on a CPU with AVX512-BF16 (real where this CPU has it, simulated elsewhere)."""
-    with contextlib.nullcontext() if packing_supported() else simulate_avx512bf16():
-        yield
 
 
 def evaluated_first(recipe, reenable=False):

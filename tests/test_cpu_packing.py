@@ -1,12 +1,11 @@
 """bitsandbytes' packed CPU inference layout never reaches a model the course trains, on any CPU.
 
-On a CPU with AVX512-BF16 these tests run the real library. Elsewhere they run it under
-``simulate_avx512bf16``, which follows the library source (``Linear4bit.__init__`` asks ``has_avx512bf16()``;
-``Linear4bit.forward`` packs in eval mode without grad; ``matmul_4bit`` then calls ``gemv_4bit``, whose CPU
-kernel has no autograd formula), so a helper that let the packing happen fails here too.
+On a CPU with AVX512-BF16 these tests run the real library. Elsewhere the ``avx512bf16`` fixture
+(``as_on_avx512bf16``) simulates it, following the library source (``Linear4bit.__init__`` asks
+``has_avx512bf16()``; ``Linear4bit.forward`` packs in eval mode without grad; ``matmul_4bit`` then calls
+``gemv_4bit``, whose CPU kernel has no autograd formula), so a helper that let the packing happen fails here too.
 """
 
-import contextlib
 import warnings
 
 import bitsandbytes as bnb
@@ -17,28 +16,20 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from helpers.cpu_packing import (
     PackedWeightsError,
+    as_on_avx512bf16,
     ensure_trainable,
     is_packed,
     packed_layers,
     packing_supported,
     prevent_packing,
-    simulate_avx512bf16,
 )
 from helpers.data import Corpus, heldout_perplexity
 from helpers.finetune import evaluate_perplexity, fine_tune
 from helpers.models import load_model, tiny_model
 from helpers.train import make_forward, make_train_step
 
-PATH = "real" if packing_supported() else "simulated"
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.float32)
-
-
-@pytest.fixture
-def avx512bf16():
-    """bitsandbytes as on a CPU with AVX512-BF16: the real one where this CPU has it, simulated elsewhere."""
-    with contextlib.nullcontext() if packing_supported() else simulate_avx512bf16():
-        yield PATH
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +147,8 @@ def test_a_simulation_nests_and_ends_cleanly():
     def stand_in_registered():
         return "cpu_packing" in torch._C._dispatch_dump("bitsandbytes::gemv_4bit")
 
-    with simulate_avx512bf16():
-        with simulate_avx512bf16():
+    with as_on_avx512bf16():
+        with as_on_avx512bf16():
             assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu and stand_in_registered()
         # the inner block left the outer one intact
         assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu and stand_in_registered()
