@@ -7,24 +7,45 @@ prints one of three things and never raises a bare traceback:
     ✗ not yet: a specific hint about what looks wrong
     … not attempted: the answer is still ``None`` (or the cell raised NotImplementedError)
 
-Each exercise is a function registered with ``@exercise(name)``: it receives the learner's answer
-and returns ``(passed, message)``. With the environment variable ``COURSE_STRICT_CHECKS=1`` (set by
-the tests when they run the solution notebooks) a check that does not pass raises ``AssertionError``,
-so a solution that stops passing fails the test suite.
+A check has two halves, so that a grade can be computed by code the answer never touches:
+
+1. **What crosses the boundary.** The learner's answer is turned into plain data: exact built-in
+   ``None, bool, int, float, str, list, dict`` (``plain``). Subclasses are read through the built-in
+   type's own methods (a ``float`` subclass gives its stored value, not what its ``__float__`` says);
+   numpy scalars and one-element tensors become numbers; a ``BitsAndBytesConfig``, ``LoraConfig`` or
+   ``MemoryReport`` becomes a dict of its fields; anything else is refused with a sentence. A *code*
+   answer (a function) is instead run by the exercise's ``probe`` on inputs the probe builds itself,
+   and what it did comes back as plain data (which parameters require grad, gradients after the
+   probe's own backward, ...).
+2. **The verdict** (``verdict``): the exercise's judge compares that data with a *trusted context*
+   that its ``context()`` function computes from the lesson's fixed inputs (the course model's
+   config, the lesson's constants) — never from the learner's variables. A few exercises judge
+   against the lesson's own measurements (``measured=(...)``): a notebook passes them to ``check``;
+   the batch grader takes them from its own run of the solution notebook instead.
+
+In a notebook both halves run in the learner's process. The batch grader (``helpers.grade``) runs the
+first half in the submission's sandboxed kernel (the probe in a separate short-lived process) and the
+second in its own process.
+
+With the environment variable ``COURSE_STRICT_CHECKS=1`` (set by the tests when they run the
+solution notebooks) a check that does not pass raises ``AssertionError``, so a solution that stops
+passing fails the test suite.
 """
 
 from __future__ import annotations
 
+import enum
 import html
 import math
-import numbers
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PASS, FAIL, SKIP = "passed", "not yet", "not attempted"
 _SYMBOL = {PASS: "✓", FAIL: "✗", SKIP: "…"}
 _COLOUR = {PASS: "#1a7f37", FAIL: "#cf222e", SKIP: "#6e7781"}
+MAX_ITEMS = 100_000  # elements in one answer: far above any exercise's, far below a memory problem
+MAX_DEPTH = 8
 
 
 @dataclass
@@ -53,56 +74,230 @@ class CheckResult:
 @dataclass
 class Exercise:
     name: str
-    fn: Callable
+    fn: Callable  # the judge: fn(data, **context) -> (passed, message)
     points: float
     lesson: str
+    context: Callable[[], dict] | None = None  # trusted: computed from the lesson's fixed inputs
+    measured: tuple[str, ...] = ()  # context names that come from the lesson's own measurements
+    probe: Callable | None = None  # code exercises: probe(fn) -> plain data about what fn did
+    _cached: dict | None = field(default=None, repr=False)
+
+    def trusted_context(self) -> dict:
+        if self._cached is None:
+            self._cached = dict(self.context()) if self.context else {}
+        return self._cached
 
 
 EXERCISES: dict[str, Exercise] = {}
 
 
-def exercise(name: str, points: float = 1.0, lesson: str = ""):
-    """Register a check function ``fn(answer, **context) -> (passed, message)`` under ``name``."""
+def exercise(name: str, *, lesson: str, points: float = 1.0, context: Callable[[], dict] | None = None,
+             measured: tuple[str, ...] = (), probe: Callable | None = None):
+    """Register a judge ``fn(data, **context) -> (passed, message)`` under ``name``.
+
+    ``context()``: the judge's other inputs, computed by trusted code from the lesson's fixed inputs.
+    ``measured``: names of context values taken from the lesson's measurements (see the module text).
+    ``probe(fn)``: for code answers; runs the learner's function on inputs it builds and returns plain
+    data about its effects (it must catch ``BaseException`` from the learner's code and say so in the data).
+    """
     def register(fn):
-        EXERCISES[name] = Exercise(name, fn, points, lesson)
+        EXERCISES[name] = Exercise(name, fn, points, lesson, context, tuple(measured), probe)
         return fn
     return register
 
 
-def _blank(answer) -> bool:
+class AnswerError(ValueError):
+    """An answer that cannot cross the boundary as plain data; the message says what to give instead."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The boundary: answers as plain data
+# ------------------------------------------------------------------------------------------------
+def _numpy_scalar(value):
+    import sys
+
+    np = sys.modules.get("numpy")
+    if np is None or type(value) not in {np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                         np.uint32, np.uint64, np.float16, np.float32, np.float64}:
+        return None
+    return (type(value).item(value),)  # the C type's own method: exact types cannot be patched
+
+
+def _tensor_scalar(value):
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or type(value) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if torch._C.TensorBase.numel(value) != 1:
+        raise AnswerError(f"a tensor of shape {tuple(value.shape)} cannot be checked: give one number "
+                          "(`.item()` of a one-element tensor).")
+    return (torch._C.TensorBase.item(torch._C.TensorBase.detach(value)),)
+
+
+def _config_fields(value):
+    """(class name, fields) of the configuration objects answers may be; None for anything else."""
+    import sys
+
+    for module, names in (("transformers", ("BitsAndBytesConfig",)), ("peft", ("LoraConfig",))):
+        lib = sys.modules.get(module)
+        for cls_name in names:
+            cls = getattr(lib, cls_name, None) if lib else None
+            if cls is not None and type(value) is cls:
+                return cls_name, cls.to_dict(value)
+    memory = sys.modules.get("helpers.memory")
+    if memory is not None and type(value) is memory.MemoryReport:
+        return "MemoryReport", {c: object.__getattribute__(value, c) for c in memory.CATEGORIES}
+    return None
+
+
+def plain(value, _depth: int = 0, _budget: list | None = None):
+    """``value`` as exact built-in data (see the module text); raises ``AnswerError`` with a hint."""
+    budget = _budget if _budget is not None else [MAX_ITEMS]
+    budget[0] -= 1
+    if budget[0] < 0 or _depth > MAX_DEPTH:
+        raise AnswerError("the answer is far larger or deeper than any exercise asks for.")
+    kind = type(value)
+    if value is None or value is Ellipsis:
+        return None
+    if kind in (bool, int, str):
+        return value
+    if kind is float:
+        return value
+    if isinstance(value, bool):  # pragma: no cover (bool cannot be subclassed)
+        return bool(value)
+    if isinstance(value, enum.Enum):
+        return plain(value.value, _depth + 1, budget)
+    if isinstance(value, str):  # a subclass: its characters, not what its methods say
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__index__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    found = _numpy_scalar(value) or _tensor_scalar(value)
+    if found:
+        return found[0]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in dict.items(value):
+            key = plain(key, _depth + 1, budget)
+            if type(key) is not str:
+                raise AnswerError(f"dictionary keys must be strings (got {type(key).__name__} {key!r:.40}).")
+            out[key] = plain(item, _depth + 1, budget)
+        return out
+    if isinstance(value, (list, tuple)):
+        items = list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value)
+        return [plain(item, _depth + 1, budget) for item in items]
+    if isinstance(value, (set, frozenset)):
+        items = [plain(item, _depth + 1, budget) for item in (set.__iter__(value) if isinstance(value, set)
+                                                               else frozenset.__iter__(value))]
+        return sorted(items, key=repr)
+    config = _config_fields(value)
+    if config:
+        name, fields = config
+        return {"__class__": name, **plain(fields, _depth + 1, budget)}
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and type(value) is torch.dtype:
+        return str(value).removeprefix("torch.")
+    if callable(value):
+        raise AnswerError("this exercise asks for a value, not a function: call it, or give its result.")
+    raise AnswerError(f"a {kind.__name__} cannot be checked: give a number, a string, or a list or dict of them, "
+                      "as the exercise asks.")
+
+
+def is_blank(data) -> bool:
+    if data is None:
+        return True
+    if isinstance(data, list) and data and all(a is None for a in data):
+        return True
+    return isinstance(data, str) and not data.strip()
+
+
+def answer_data(name: str, answer):
+    """What crosses the boundary for exercise ``name``: ``plain(answer)``, or the probe's data for a function."""
+    ex = _exercise(name)
+    if ex.probe is None:
+        return plain(answer)
     if answer is None or answer is Ellipsis:
-        return True
-    if isinstance(answer, (tuple, list)) and answer and all(a is None or a is Ellipsis for a in answer):
-        return True
-    return isinstance(answer, str) and not answer.strip()
+        return None
+    if not callable(answer):
+        raise AnswerError(f"give the function itself (its name, without parentheses), not its result "
+                          f"(a {type(answer).__name__}).")
+    return plain(ex.probe(answer))
 
 
-def run_check(name: str, answer=None, **context) -> CheckResult:
-    """Evaluate exercise ``name`` on ``answer`` and return the result (no printing, no raising)."""
+def _exercise(name: str) -> Exercise:
     _load_lesson_checks()
     ex = EXERCISES.get(name)
     if ex is None:
         known = ", ".join(sorted(EXERCISES)) or "none loaded"
-        return CheckResult(name, FAIL, f"there is no exercise called {name!r} (known: {known}).", 0, 0)
-    if _blank(answer):
+        raise KeyError(f"there is no exercise called {name!r} (known: {known}).")
+    return ex
+
+
+# ------------------------------------------------------------------------------------------------
+# The verdict: trusted code, plain data in
+# ------------------------------------------------------------------------------------------------
+def verdict(name: str, data, measured: dict | None = None, context: dict | None = None) -> CheckResult:
+    """Judge plain ``data`` for exercise ``name``. ``measured``: the lesson's measurements the exercise
+    names; ``context``: replaces the trusted context (tests use it to judge other model shapes)."""
+    try:
+        ex = _exercise(name)
+    except KeyError as err:
+        return CheckResult(name, FAIL, err.args[0], 0, 0)
+    if is_blank(data):
         return CheckResult(name, SKIP, "replace the `None` (or the `raise NotImplementedError()` line) "
-                                       "with your answer, run the cell, then run this check again.",
-                           0, ex.points)
-    if isinstance(answer, (tuple, list)) and any(a is None or a is Ellipsis for a in answer):
+                                       "with your answer, run the cell, then run this check again.", 0, ex.points)
+    if isinstance(data, list) and any(a is None for a in data):
         return CheckResult(name, SKIP, "some values are still `None`: fill in every one, then run this "
                                        "check again.", 0, ex.points)
+    measured = measured or {}
+    missing = [m for m in ex.measured if measured.get(m) is None]
+    if missing:
+        return CheckResult(name, FAIL, f"run the cells above first: the check needs the lesson's measured "
+                                       f"{', '.join(missing)} (pass {', '.join(f'{m}={m}' for m in missing)}).",
+                           0, ex.points)
     try:
-        passed, message = ex.fn(answer, **context)
+        ctx = {**(ex.trusted_context() if context is None else context),
+               **{m: measured[m] for m in ex.measured}}
+        passed, message = ex.fn(data, **ctx)
+    except AnswerError as err:
+        passed, message = False, str(err)
     except Exception as err:  # a malformed answer must produce feedback, not a traceback
         passed, message = False, (f"your answer could not be checked ({type(err).__name__}: {err}). "
                                   "Look at the type the exercise asks for.")
-    status = PASS if passed else FAIL
-    return CheckResult(name, status, message, ex.points if passed else 0.0, ex.points)
+    passed = passed is True
+    return CheckResult(name, PASS if passed else FAIL, str(message), ex.points if passed else 0.0, ex.points)
 
 
-def check(name: str, answer=None, **context) -> CheckResult:
+def run_check(name: str, answer=None, **measured) -> CheckResult:
+    """Evaluate exercise ``name`` on ``answer`` in this process (no printing, no raising).
+
+    Keyword arguments are the lesson's measurements the exercise names (``measured``); nothing else."""
+    try:
+        ex = _exercise(name)
+    except KeyError as err:
+        return CheckResult(name, FAIL, err.args[0], 0, 0)
+    unknown = sorted(set(measured) - set(ex.measured))
+    if unknown:
+        return CheckResult(name, FAIL, f"check({name!r}, answer) takes no {', '.join(unknown)}: the check computes "
+                                       "what it needs itself.", 0, ex.points)
+    try:
+        data = answer_data(name, answer)
+        values = {k: plain(v) for k, v in measured.items()}
+    except AnswerError as err:
+        return CheckResult(name, FAIL, str(err), 0, ex.points)
+    except BaseException as err:  # the learner's code (a probe's own catch failed, or __reduce__ etc.)
+        return CheckResult(name, FAIL, f"your answer could not be read ({type(err).__name__}: {str(err)[:200]}).",
+                           0, ex.points)
+    return verdict(name, data, values)
+
+
+def check(name: str, answer=None, **measured) -> CheckResult:
     """Check an exercise answer and show friendly feedback (the notebook-facing entry point)."""
-    result = run_check(name, answer, **context)
+    result = run_check(name, answer, **measured)
     if os.environ.get("COURSE_STRICT_CHECKS") == "1" and not result.passed:
         raise AssertionError(str(result))
     return result
@@ -113,23 +308,43 @@ def _load_lesson_checks() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Small tools for writing checks
+# Small tools for writing judges and probes
 # ------------------------------------------------------------------------------------------------
 def as_number(answer, what: str = "a number") -> float:
-    """The answer as a float, or a ValueError that says what was expected."""
-    if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
-        try:
-            import torch
-
-            if isinstance(answer, torch.Tensor) and answer.numel() == 1:
-                return float(answer)
-        except ImportError:  # pragma: no cover
-            pass
-        raise ValueError(f"expected {what}, got {type(answer).__name__} {answer!r:.60}")
+    """Plain data as a float, or an AnswerError that says what was expected."""
+    if type(answer) not in (int, float):
+        shown = f"{answer!r:.60}" if type(answer) in (str, list, dict, bool) else ""
+        raise AnswerError(f"expected {what}, got {type(answer).__name__} {shown}".rstrip() + ".")
     value = float(answer)
     if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"expected {what}, got {value}")
+        raise AnswerError(f"expected {what}, got {value}.")
     return value
+
+
+def as_config(data, cls):
+    """Rebuild a configuration object (``LoraConfig``, ``BitsAndBytesConfig``) from its plain fields."""
+    import dataclasses
+    import inspect
+
+    name = cls.__name__
+    if not isinstance(data, dict) or data.get("__class__") != name:
+        got = data.get("__class__", "dict") if isinstance(data, dict) else type(data).__name__
+        raise AnswerError(f"build a `{name}(...)` (you gave a {got}).")
+    fields = {k: v for k, v in data.items() if k != "__class__"}
+    if dataclasses.is_dataclass(cls):
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+    else:
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        known |= {"bnb_4bit_quant_storage"} & set(fields)
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+def learner_call(fn, *args, **kwargs) -> tuple[bool, object]:
+    """Call the learner's ``fn``: (True, result) or (False, "ExceptionName: message") — never raises."""
+    try:
+        return True, fn(*args, **kwargs)
+    except BaseException as err:  # SystemExit, KeyboardInterrupt and the rest: report, do not escape
+        return False, f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def close(value: float, target: float, rel: float) -> bool:
