@@ -2,6 +2,7 @@
 
     python -m helpers.grade SUBMISSIONS... [--out grades.csv] [--lesson NN]
                             [--cell-timeout 600] [--submission-timeout 1800] [--memory-limit 8G]
+                            [--sandbox auto|bwrap|none]
 
 SUBMISSIONS are notebook files or folders of them (``*.ipynb``). Each one gets one row in the CSV: its
 lesson, the points of every exercise, the total, the maximum, and the reason for every point not given.
@@ -11,9 +12,19 @@ How a submission is graded:
   from a file name starting ``NN_``, or from ``--lesson NN``. A file that is not a notebook, a truncated
   file, a notebook whose lesson cannot be told, or a notebook of another lesson than the one it claims
   gets a row with the reason and no points; nothing in it is executed.
-- The submission is read once, into memory, and never written to. Its code cells run one by one in a
-  fresh kernel whose working directory is a temporary copy of the course layout (``helpers/`` etc. are
-  linked, ``notebooks/`` is an empty folder), so files it writes land there and are deleted afterwards.
+- The submission is read once, into memory, and never written to.
+
+How it runs (what a submission can and cannot reach):
+- Each submission gets a private workspace (a new temporary folder, mode 700): a *copy* of the course's code
+  (``helpers/`` etc.; no links into the live tree) and an empty working folder, ``notebooks/``. Its code
+  cells run one by one in a fresh kernel started there, with the course copy on ``PYTHONPATH``.
+- With bubblewrap (``--sandbox auto``, the default, when ``bwrap`` is installed and works) the kernel runs
+  with the whole filesystem read-only except its working folder, in its own PID
+  namespace (it cannot see or signal the grader or other processes, nor read their command lines) and
+  without network. Without it the kernel runs as you: it could write any file you can. The grader then
+  still works in a private copy, kills every process the submission left, and compares a digest of the
+  course tree before and after each submission: a submission that changed it gets no points and grading
+  stops (restore the course, then grade again).
 - Each cell has a time limit (``--cell-timeout``); a cell over it is interrupted and the next cell runs,
   so later exercises still count. A cell that ignores the interrupt ends the run (the kernel is
   stopped). ``--submission-timeout`` bounds the whole notebook.
@@ -23,22 +34,25 @@ How a submission is graded:
   fails with ``MemoryError`` (Python) or "can't allocate memory" (torch), which the row reports. Child
   processes inherit the limit, each on its own. ``RLIMIT_AS`` is not used: it counts address space that
   torch and the BLAS libraries reserve but never touch.
-- Then the grader runs the checks itself, in the same kernel: the *answer key* is every
-  ``check("name", answer, **context)`` call of the lesson's solution notebook; each is evaluated in the
-  kernel's namespace against a freshly loaded copy of ``helpers/checks.py`` and ``helpers/exercises/``
-  (not whatever the notebook imported or changed). So a notebook that redefines ``check``, patches the
-  check registry, or edits or deletes its check cells gains nothing. Course modules the checks use
-  (``helpers.estimate``...) are taken from the kernel only if their functions are the ones in the source
-  files; a notebook that patched them is graded with fresh copies (the row says so). Only the lesson's
-  module of ``helpers/exercises/`` is loaded. Event hooks, AST transformers and post input transformers
-  the notebook registered are removed before grading. This defeats the cheats above; it is not a sandbox
-  against code written to attack the grader (student code runs with the instructor's permissions, in the
-  same process the checks run in).
-- ``COURSE_STRICT_CHECKS`` is removed from the kernel's environment.
+- When the cells have run, the grader reads each answer out of the kernel as plain data (``helpers.checks``:
+  exact built-in types; the *answer key* is the answer expression of every ``check("name", answer)``
+  call of the lesson's solution notebook). A function (a code answer) is pickled instead and run by the
+  exercise's probe in a separate short-lived process, sandboxed the same way, on inputs the probe builds;
+  what it did comes back as data. Then every process of the submission is killed (the kernel's session,
+  the sandbox's PID namespace, and any orphan: the grader is a child subreaper, so detached processes are
+  adopted and found).
+- The verdicts are computed by the grader itself, from that data, against context it computes from the
+  lesson's fixed inputs, with the checks it loaded before any submission ran. Nothing the notebook
+  defines, patches or prints can change a check; the most it can do is give an answer. The few checks
+  that judge against the lesson's own measurements get them from the grader's own run of the
+  *solution* notebook (once per lesson per grader run), never from the submission.
+- ``COURSE_STRICT_CHECKS`` is removed from the environment of everything a submission runs.
+- The CSV is written once, after every submission's processes are gone.
 
 CSV columns: ``submission, lesson``, one column per exercise (the union over the lessons graded in this
 run, in lesson order; empty for exercises of another lesson), ``total, max, status`` (``graded`` or
-``not graded``), ``peak_memory_mib`` (the kernel's peak resident memory) and ``reason``: why the
+``not graded``; ``stopped`` for a submission that changed the course), ``peak_memory_mib`` (the kernel's peak
+resident memory, read by the grader from /proc) and ``reason``: why the
 submission was not graded, what went wrong while it ran (time and memory limits, a dead kernel), and
 for every exercise short of full points, the check's own feedback. A summary table is printed too.
 The exit status is 0 whenever the grader ran, whatever the submissions held; 2 for a usage error.
@@ -50,10 +64,13 @@ import argparse
 import ast
 import contextlib
 import csv
+import functools
+import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,11 +86,9 @@ RECOGNISED = 0.25  # share of a lesson's cells a notebook must contain (by id or
 DEFAULT_CELL_TIMEOUT = 600  # seconds: the suite's nbval limit; the slowest real cell takes about 2 minutes
 DEFAULT_SUBMISSION_TIMEOUT = 1800
 DEFAULT_MEMORY_LIMIT = "8G"
-GRADER_TIMEOUT = 300  # seconds for the grader's own set-up in the kernel (loading the checks' libraries)
-CHECK_TIMEOUT = 60  # at least this for one check (it may call the notebook's functions)
+CHECK_TIMEOUT = 60  # at least this for reading one answer out of the kernel
 INTERRUPT_GRACE = 10  # seconds a cell gets to stop after the interrupt at its time limit
 OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "bad_alloc", "out of memory")
-CHECK_FN = "__grade_check__"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,9 +97,10 @@ CHECK_FN = "__grade_check__"
 @dataclass
 class CheckCall:
     name: str
-    code: str  # the solution's call with `check` replaced by CHECK_FN, evaluated in the graded kernel
+    answer: str  # the solution's answer expression, evaluated in the graded kernel: it only yields data
+    measured: dict[str, str] = field(default_factory=dict)  # the exercise's measured names -> expressions
     points: float = 1.0
-    module: str = ""  # the module of helpers/exercises/ that registers it, e.g. "lesson00"
+    code: bool = False  # a code answer: a function run by the exercise's probe in a separate process
 
 
 def lessons() -> dict[str, Path]:
@@ -106,7 +122,7 @@ def _parse_cell(source: str):
 
 
 def check_calls(nb) -> list[CheckCall]:
-    """Every ``check("name", ...)`` call in the notebook's code cells, first call per name, in order."""
+    """Every ``check("name", answer, **measured)`` call in the notebook's code cells, first call per name."""
     calls: dict[str, CheckCall] = {}
     for cell in nb.cells:
         if cell.cell_type != "code" or "check" not in cell.source:
@@ -116,12 +132,14 @@ def check_calls(nb) -> list[CheckCall]:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "check"
                     and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
                     and node.args[0].value not in calls):
-                call = ast.Call(func=ast.Name(CHECK_FN, ast.Load()), args=node.args, keywords=node.keywords)
-                calls[node.args[0].value] = CheckCall(node.args[0].value, ast.unparse(call))
+                answer = ast.unparse(node.args[1]) if len(node.args) > 1 else "None"
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords if k.arg}
+                calls[node.args[0].value] = CheckCall(node.args[0].value, answer, keywords)
     return list(calls.values())
 
 
 def answer_key(lesson: str) -> list[CheckCall]:
+    """The lesson's check calls, with each exercise's points, kind, and only the keywords it measures."""
     import nbformat
 
     from helpers.checks import EXERCISES, _load_lesson_checks
@@ -129,13 +147,11 @@ def answer_key(lesson: str) -> list[CheckCall]:
     with contextlib.suppress(Exception):  # a lesson being written may not import: grade with the rest
         _load_lesson_checks()
     calls = check_calls(nbformat.read(lessons()[lesson], as_version=4))
-    fallback = f"lesson{lesson}" if (ROOT / "helpers" / "exercises" / f"lesson{lesson}.py").exists() else ""
     for call in calls:
-        if call.name in EXERCISES:
-            call.points = EXERCISES[call.name].points
-            call.module = EXERCISES[call.name].fn.__module__.rpartition(".")[2]
-        else:
-            call.module = fallback
+        ex = EXERCISES.get(call.name)
+        call.points = ex.points if ex else 1.0
+        call.code = bool(ex and ex.probe)
+        call.measured = {k: v for k, v in call.measured.items() if ex and k in ex.measured}
     return calls
 
 
@@ -256,7 +272,7 @@ def identify_lesson(path: Path, nb, forced: str | None = None) -> tuple[str | No
 
 
 # ------------------------------------------------------------------------------------------------
-# Running a notebook in a fresh kernel
+# Where a submission runs: a private workspace, a sandbox when the platform has one
 # ------------------------------------------------------------------------------------------------
 def parse_bytes(text: str) -> int | None:
     """'8G', '512M', '1.5GiB', '1000000' -> bytes; 'none' or '0' -> None (no limit)."""
@@ -273,34 +289,160 @@ def _human(n: int) -> str:
     return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
 
 
+@functools.cache
+def bubblewrap() -> str | None:
+    """The ``bwrap`` program if it is installed and works here (it needs user namespaces), else None."""
+    program = shutil.which("bwrap")
+    if program is None:
+        return None
+    trial = subprocess.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+                            "--unshare-net", "--die-with-parent", "true"], capture_output=True, timeout=30)
+    return program if trial.returncode == 0 else None
+
+
+COPIED = ("helpers", "requirements.txt", "pyproject.toml", "binder")  # what a lesson imports or reads
+
+
+class Workspace:
+    """A private temporary folder for one submission (or one reference run, or one probe).
+
+    ``course/``: a copy of the course's code (never links into the live tree); ``course/notebooks``: the
+    working directory, the one place a sandboxed process may write besides its own ``/tmp``; ``run/``:
+    the kernel's connection file and sockets.
+    """
+
+    def __init__(self, sandbox: bool):
+        self.root = Path(tempfile.mkdtemp(prefix="grade-"))
+        os.chmod(self.root, 0o700)
+        self.course = self.root / "course"
+        self.course.mkdir()
+        for name in COPIED:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, self.course / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.exists():
+                shutil.copy2(source, self.course / name)
+        self.work = self.course / "notebooks"
+        self.work.mkdir()
+        (self.work / ".tmp").mkdir()  # TMPDIR: the rest of the filesystem is read-only in the sandbox
+        self.run = self.root / "run"
+        self.run.mkdir()
+        self.sandbox = sandbox
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` as it runs for a submission: inside bubblewrap (read-only filesystem but the working
+        directory, own PID namespace, no network) when the grader uses it. (Not a fresh /tmp: the course and
+        its Python may live there.)"""
+        if not self.sandbox:
+            return argv
+        return [bubblewrap(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                "--ro-bind", str(self.course), str(self.course), "--bind", str(self.work), str(self.work),
+                "--bind", str(self.run), str(self.run),
+                "--unsetenv", "JPY_PARENT_PID",  # its parent is invisible from the PID namespace
+                "--unshare-pid", "--unshare-net", "--die-with-parent", "--chdir", str(self.work), "--", *argv]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("COURSE_STRICT_CHECKS", "PYTHONPATH")}
+        env.update(PYTHONPATH=str(self.course), MPLBACKEND="agg", IPYTHONDIR=str(self.work / ".ipython"),
+                   MPLCONFIGDIR=str(self.work / ".matplotlib"), TMPDIR=str(self.work / ".tmp"),
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        return env
+
+    def close(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _limits(memory_limit: int | None):
+    """Runs in a child between fork and exec: its own session, and the memory limit before any Python."""
+    def apply():
+        with contextlib.suppress(OSError):  # already a session leader (jupyter_client may have done it)
+            os.setsid()
+        if memory_limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+    return apply
+
+
+# Processes: the grader adopts every orphan its children leave (a "subreaper"), so a process that
+# detaches from its session is still found, and killed, when its submission ends.
+def become_subreaper() -> bool:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    return False
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """Every living process below ``pid`` (default: this one), read from /proc."""
+    pid = pid or os.getpid()
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_new_processes(keep: set[int]) -> int:
+    """SIGKILL every descendant not in ``keep`` until none is left; returns how many were killed."""
+    import signal
+
+    killed = set()
+    for _ in range(100):
+        extra = descendants() - keep
+        if not extra:
+            break
+        for pid in extra:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:  # reap what was ours (zombies still show in /proc)
+                pass
+        time.sleep(0.05)
+    return len(killed)
+
+
 @dataclass
 class Outcome:
     status: str  # ok, error, timeout (interrupted), stuck (did not stop: kernel killed), dead
     ename: str = ""
     evalue: str = ""
+    stdout: str = ""
 
 
 class Kernel:
-    """A fresh python3 kernel with a memory limit, run cell by cell with a time limit each."""
+    """A fresh python3 kernel in ``workspace`` with a memory limit, run cell by cell with a time limit each."""
 
-    def __init__(self, cwd: Path, memory_limit: int | None, startup_timeout: float = 120):
+    def __init__(self, workspace: Workspace, memory_limit: int | None, startup_timeout: float = 120):
         from jupyter_client import KernelManager
+        from jupyter_client.kernelspec import KernelSpecManager
 
-        env = {k: v for k, v in os.environ.items() if k != "COURSE_STRICT_CHECKS"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        env.setdefault("MPLBACKEND", "agg")
-
-        def limit_memory():  # runs in the child between fork and exec: before any Python code of the kernel
-            if memory_limit:
-                import resource
-
-                resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-
-        self.km = KernelManager(kernel_name="python3")
+        spec = workspace.root / "kernels" / "graded"
+        spec.mkdir(parents=True)
+        argv = workspace.command([sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                                  "--HistoryManager.hist_file=:memory:"])
+        # interrupt_mode "message": the interrupt travels over the control channel (a signal could not
+        # reach into the sandbox's PID namespace).
+        (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "graded", "language": "python",
+                                                      "interrupt_mode": "message"}))
+        self.km = KernelManager(kernel_name="graded",
+                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]),
+                                transport="ipc", ip=str(workspace.run / "kernel"),
+                                connection_file=str(workspace.run / "kernel.json"))
         # The kernel's own stdout/stderr (start-up warnings, C-level prints) would clutter the grader's.
-        self.km.start_kernel(cwd=str(cwd), env=env, preexec_fn=limit_memory,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        self.km.start_kernel(cwd=str(workspace.work), env=workspace.env(), preexec_fn=_limits(memory_limit),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.kc = self.km.client()
         self.kc.start_channels()
         try:
@@ -309,46 +451,51 @@ class Kernel:
             self.close()
             raise
 
-    def _drain(self):
-        """Discard what the kernel published (outputs are not kept: only each reply's status matters)."""
+    def _drain(self, msg_id: str, out: list[str]):
+        """Read what the kernel published; keep the stdout of ``msg_id`` (outputs are otherwise not kept)."""
         with contextlib.suppress(Exception):
-            for _ in range(10_000):
-                self.kc.iopub_channel.get_msg(timeout=0)  # raises Empty when nothing is left
+            for _ in range(100_000):
+                msg = self.kc.iopub_channel.get_msg(timeout=0)  # raises Empty when nothing is left
+                if (msg.get("msg_type") == "stream" and msg.get("parent_header", {}).get("msg_id") == msg_id
+                        and msg["content"].get("name") == "stdout" and sum(map(len, out)) < MAX_BYTES):
+                    out.append(str(msg["content"].get("text", "")))
 
-    def _wait(self, msg_id: str, until: float) -> dict | None:
+    def _wait(self, msg_id: str, until: float, out: list[str]) -> dict | None:
         from queue import Empty
 
         while time.monotonic() < until:
             try:
                 msg = self.kc.get_shell_msg(timeout=0.25)
             except Empty:
-                self._drain()
+                self._drain(msg_id, out)
                 if not self.km.is_alive():
                     return {"dead": True}
                 continue
             if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                self._drain()
+                time.sleep(0.05)  # the last stream messages can trail the reply
+                self._drain(msg_id, out)
                 return msg["content"]
         return None
 
     def run(self, code: str, timeout: float) -> Outcome:
         if not self.km.is_alive():
             return Outcome("dead")
+        out: list[str] = []
         msg_id = self.kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
-        reply = self._wait(msg_id, time.monotonic() + timeout)
+        reply = self._wait(msg_id, time.monotonic() + timeout, out)
         if reply is None:
             with contextlib.suppress(Exception):
                 self.km.interrupt_kernel()
-            reply = self._wait(msg_id, time.monotonic() + INTERRUPT_GRACE)
+            reply = self._wait(msg_id, time.monotonic() + INTERRUPT_GRACE, out)
             if reply is None or reply.get("dead"):
                 self.close()
                 return Outcome("stuck" if reply is None else "dead")
-            return Outcome("timeout", reply.get("ename", ""), reply.get("evalue", ""))
+            return Outcome("timeout", reply.get("ename", ""), reply.get("evalue", ""), "".join(out))
         if reply.get("dead"):
             return Outcome("dead")
         if reply.get("status") == "error":
-            return Outcome("error", str(reply.get("ename", "")), str(reply.get("evalue", "")))
-        return Outcome("ok")
+            return Outcome("error", str(reply.get("ename", "")), str(reply.get("evalue", "")), "".join(out))
+        return Outcome("ok", stdout="".join(out))
 
     def close(self):
         with contextlib.suppress(Exception):
@@ -357,145 +504,139 @@ class Kernel:
             self.km.shutdown_kernel(now=True)
 
 
-def course_mirror(folder: Path) -> Path:
-    """folder/ with links to the course's top-level entries and an empty notebooks/; returns notebooks/."""
-    for entry in ROOT.iterdir():
-        if entry.name not in ("notebooks", "solutions", ".git"):
-            (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-    (folder / "notebooks").mkdir()
-    return folder / "notebooks"
-
-
 # ------------------------------------------------------------------------------------------------
-# What runs inside the graded kernel, after the submission (this file is loaded there by path)
+# Answers out of the kernel: plain data (or a pickled function), never a verdict
 # ------------------------------------------------------------------------------------------------
-def _changed_functions(module, path: Path) -> list[str]:
-    """Functions and methods of ``module`` whose code is not the code in its source file ``path``."""
-    import inspect
-
-    code = compile(path.read_text(encoding="utf-8"), str(path), "exec", dont_inherit=True)
-    expected, todo = {}, [code]
-    while todo:
-        for const in todo.pop().co_consts:
-            if inspect.iscode(const):
-                if "<" not in const.co_qualname:  # skip lambdas, comprehensions and nested functions
-                    expected.setdefault(const.co_qualname, []).append(const)
-                todo.append(const)
-    changed = []
-    for qualname, wants in expected.items():
-        obj = module
-        for part in qualname.split("."):
-            obj = vars(obj).get(part) if isinstance(obj, type) else getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is None or isinstance(obj, type):
-            continue
-        if isinstance(obj, (staticmethod, classmethod)):
-            candidates = [obj.__func__]
-        elif isinstance(obj, property):
-            candidates = [f for f in (obj.fget, obj.fset, obj.fdel) if f is not None]
-        else:
-            candidates = [obj]
-        codes = [getattr(inspect.unwrap(f), "__code__", None) if callable(f) else None for f in candidates]
-        if not any(code is not None and code in wants for code in codes):
-            changed.append(qualname)
-    return changed
-
-
-def kernel_prepare(namespace: dict, alias: str, out: str, modules: list[str]) -> None:
-    """Neutralise the notebook's hooks, load fresh checks under ``alias``, report to the file ``out``.
-
-    ``modules``: the modules of helpers/exercises/ to load (the lesson's), or all of them if empty.
-    """
-    import importlib
-    import resource
-    import types
-
-    notes = []
-    with contextlib.suppress(Exception):
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        for callbacks in shell.events.callbacks.values():
-            callbacks.clear()
-        shell.ast_transformers.clear()
-        shell.input_transformers_post.clear()
-    sys.settrace(None)
-    sys.setprofile(None)
-    os.environ.pop("COURSE_STRICT_CHECKS", None)
-    helpers_dir = Path(__file__).resolve().parent
-    for name in [m for m in list(sys.modules) if m == alias or m.startswith(alias + ".")]:
-        del sys.modules[name]
-    package = types.ModuleType(alias)
-    package.__path__ = [str(helpers_dir)]
-    package.__file__ = str(helpers_dir / "__init__.py")
-    package.__package__ = alias
-    sys.modules[alias] = package
-    # Only the course modules the lesson's checks import (and what those import) matter; other modules may
-    # be edited on disk while a notebook runs, which must not read as tampering.
-    sources = [helpers_dir / "exercises" / f"{m}.py" for m in modules] or [*(helpers_dir / "exercises").glob("*.py")]
-    needed: set[str] = set()
-    while sources:
-        text = sources.pop().read_text(encoding="utf-8")
-        for name in set(re.findall(r"^\s*from \.{1,2}(\w+) import", text, re.MULTILINE)) - needed:
-            if (helpers_dir / f"{name}.py").exists():
-                needed.add(name)
-                sources.append(helpers_dir / f"{name}.py")
-    for path in sorted(helpers_dir / f"{name}.py" for name in needed):
-        module = sys.modules.get(f"helpers.{path.stem}")
-        if path.stem in ("__init__", "checks", "grade") or module is None:
-            continue
-        try:
-            if Path(module.__file__).resolve() != path:
-                continue
-            changed = _changed_functions(module, path)
-        except Exception:
-            continue
-        if changed:
-            notes.append(f"the notebook changed helpers.{path.stem} ({', '.join(changed[:3])}): "
-                         "checks used a fresh copy of it")
-        else:  # the lesson's own objects (Dims, reports) must be instances of the classes the checks see
-            sys.modules[f"{alias}.{path.stem}"] = module
-    importlib.import_module(f"{alias}.checks")
-    if modules:  # only the lesson's checks: exercises/__init__.py would import every lesson's libraries
-        exercises = types.ModuleType(f"{alias}.exercises")
-        exercises.__path__ = [str(helpers_dir / "exercises")]
-        exercises.__package__ = f"{alias}.exercises"
-        sys.modules[exercises.__name__] = exercises
-        package.exercises = exercises
-        for name in modules:
-            importlib.import_module(f"{alias}.exercises.{name}")
-    else:
-        importlib.import_module(f"{alias}.exercises")
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"kind": "prepared", "notes": notes, "peak_rss_kib": peak_kib}) + "\n")
-
-
-def kernel_check(namespace: dict, alias: str, out: str, name: str, code: str) -> None:
-    """Evaluate one answer-key call in the notebook's namespace with the fresh ``run_check``."""
-    record = {"kind": "check", "name": name}
+# Runs in the graded kernel after the notebook. The boundary code is a fresh copy of checks.py loaded by
+# path (not the notebook's helpers.checks). Whatever the notebook did to the kernel, all it can change is
+# the data printed here: its own answer. The verdict is computed by the grader, outside.
+ANSWER_SNIPPET = """\
+def _grade_answer(_token, _expr, _measured, _code, _pickle):
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("_grade_boundary_" + _token, {checks!r})
+    boundary = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(boundary)
+    record = {{}}
     try:
-        run_check = sys.modules[f"{alias}.checks"].run_check
-        result = eval(code, {**namespace, CHECK_FN: run_check})  # noqa: S307 (the solution's own call)
-        record.update(status=result.status, points=float(result.points), message=str(result.message))
+        value = eval(_expr, globals())
+        if _code and callable(value):
+            import cloudpickle
+            with open(_pickle, "wb") as f:
+                cloudpickle.dump(value, f)
+            record["status"] = "function"
+        elif _code and value is not None:
+            record.update(status="refused", message="give the function itself (its name, without parentheses), "
+                                                    "not its result (a " + type(value).__name__ + ").")
+        else:
+            record.update(status="data", data=boundary.plain(value))
+        record["measured"] = {{k: boundary.plain(eval(e, globals())) for k, e in _measured.items()}}
     except NameError as err:
-        record.update(status="missing", points=0.0,
-                      message=f"{err}: the cell that sets it did not run, or failed")
+        record.update(status="missing", message=str(err) + ": the cell that sets it did not run, or failed")
     except NotImplementedError:
-        record.update(status="missing", points=0.0, message="its cell still raises NotImplementedError")
-    except KeyboardInterrupt:
-        record.update(status="timeout", points=0.0, message="the check was stopped at the time limit")
+        record.update(status="missing", message="its cell still raises NotImplementedError")
+    except boundary.AnswerError as err:
+        record.update(status="refused", message=str(err))
     except BaseException as err:
-        record.update(status="error", points=0.0,
-                      message=f"its inputs could not be evaluated ({type(err).__name__}: {str(err)[:200]})")
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        record.update(status="error", message="it could not be read (" + type(err).__name__ + ": "
+                                             + str(err)[:200] + ")")
+    sys.stdout.write("\\n" + _token + json.dumps(record) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def read_record(stdout: str, token: str) -> dict | None:
+    """The last record the answer code printed after ``token``; None if there is none or it is not a dict."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(token):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line[len(token):])
+                return record if isinstance(record, dict) else None
+    return None
+
+
+def kernel_answers(kernel: Kernel, key: list[CheckCall], workspace: Workspace, timeout: float) -> dict[str, dict]:
+    """Each check call's answer record, read from the kernel (see ANSWER_SNIPPET)."""
+    records: dict[str, dict] = {}
+    define = kernel.run(ANSWER_SNIPPET.format(checks=str(workspace.course / "helpers" / "checks.py")), timeout)
+    if define.status != "ok":
+        return {c.name: {"status": "error", "message": f"the grader could not read answers ({define.status} "
+                                                       f"{define.ename})"} for c in key}
+    for call in key:
+        token = secrets.token_hex(8)
+        pickle = workspace.work / f".answer-{token}.pkl"
+        code = f"_grade_answer({token!r}, {call.answer!r}, {call.measured!r}, {call.code!r}, {str(pickle)!r})"
+        outcome = kernel.run(code, timeout)
+        record = read_record(outcome.stdout, token) if outcome.status == "ok" else None
+        if record is None:
+            record = {"status": "error", "message": f"no answer could be read ({outcome.status})"}
+        if record.get("status") == "function":
+            try:
+                record["pickle"] = pickle.read_bytes()
+            except OSError:
+                record = {"status": "error", "message": "the function could not be saved for the check"}
+        records[call.name] = record
+        if outcome.status in ("stuck", "dead"):
+            break
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
+# Code answers: the exercise's probe, in a separate short-lived process
+# ------------------------------------------------------------------------------------------------
+def run_probe(name: str, pickled: bytes, sandbox: bool, timeout: float, memory_limit: int | None) -> dict:
+    """Run exercise ``name``'s probe on the pickled function in a fresh (sandboxed) process; its data."""
+    workspace = Workspace(sandbox)
+    keep = descendants()
+    token = secrets.token_hex(8)
+    try:
+        argv = workspace.command([sys.executable, "-m", "helpers.grade", "--run-probe", name, token])
+        proc = subprocess.Popen(argv, cwd=workspace.work, env=workspace.env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=_limits(memory_limit))
+        try:
+            stdout, _ = proc.communicate(pickled, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "message": f"running your function took longer than {timeout:g} s"}
+        finally:
+            kill_new_processes(keep)
+        record = read_record(stdout.decode("utf-8", "replace"), token)
+        if record is None:
+            return {"status": "error", "message": f"the process that ran your function ended without an answer "
+                                                  f"(exit status {proc.returncode})"}
+        return record
+    finally:
+        workspace.close()
+
+
+def probe_main(name: str, token: str) -> int:
+    """``python -m helpers.grade --run-probe NAME TOKEN``: unpickle a function from stdin, probe it, print data."""
+    from helpers.checks import AnswerError, answer_data
+
+    pickled = sys.stdin.buffer.read()
+    try:
+        import cloudpickle
+
+        record = {"status": "data", "data": answer_data(name, cloudpickle.loads(pickled))}
+    except AnswerError as err:
+        record = {"status": "refused", "message": str(err)}
+    except BaseException as err:  # the learner's code: say what happened, as data
+        record = {"status": "error", "message": f"your function could not be run ({type(err).__name__}: "
+                                                f"{str(err)[:200]})"}
+    sys.stdout.write("\n" + token + json.dumps(record) + "\n")
+    sys.stdout.flush()
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
 # Grading
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class Limits:
+    cell_timeout: float = DEFAULT_CELL_TIMEOUT
+    submission_timeout: float = DEFAULT_SUBMISSION_TIMEOUT
+    memory: int | None = parse_bytes(DEFAULT_MEMORY_LIMIT)
+    sandbox: bool = False
+
+
 @dataclass
 class Row:
     submission: str
@@ -529,98 +670,121 @@ def _cell_problem(index: int, outcome: Outcome, cell_timeout: float, memory_limi
     return None
 
 
-def grade_notebook(nb, lesson: str, row: Row, cell_timeout: float, submission_timeout: float,
-                   memory_limit: int | None) -> None:
-    """Execute ``nb`` (an in-memory copy) in a fresh kernel, then run the lesson's checks; fill in ``row``."""
+def _peak_rss_mib(pids: set[int]) -> float | None:
+    """The largest peak resident memory (VmHWM) among ``pids``, read from /proc by the grader."""
+    peaks = []
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+    return round(max(peaks), 1) if peaks else None
+
+
+def execute(nb, key: list[CheckCall], row: Row, limits: Limits) -> dict[str, dict] | None:
+    """Run ``nb``'s code cells in a fresh kernel in a private workspace, then read each answer as data.
+
+    Every process the run started is gone when this returns. None if the kernel did not survive."""
+    workspace, keep = Workspace(limits.sandbox), descendants()
+    kernel = None
+    try:
+        try:
+            kernel = Kernel(workspace, limits.memory)
+        except Exception as err:
+            row.reasons.append(f"the kernel did not start ({type(err).__name__}: {str(err)[:160]})")
+            return None
+        alive, errors = True, []
+        deadline = time.monotonic() + limits.submission_timeout
+        cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+        for n, (index, cell) in enumerate(cells):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                row.reasons.append(f"the notebook exceeded its time limit ({limits.submission_timeout:g} s): "
+                                   f"{len(cells) - n} cell(s) from cell {index} on did not run")
+                break
+            outcome = kernel.run(cell.source, min(limits.cell_timeout, left))
+            problem = _cell_problem(index, outcome, limits.cell_timeout, limits.memory)
+            if problem:
+                row.reasons.append(problem)
+            elif outcome.status == "error" and outcome.ename != "NotImplementedError":
+                errors.append(f"{index} ({outcome.ename})")
+            if outcome.status in ("stuck", "dead"):
+                alive = False
+                break
+        if errors:
+            row.reasons.append("errors in cell " + ", ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
+        if not alive:
+            row.reasons.append("exercises not graded: the kernel is gone")
+            return None
+        records = kernel_answers(kernel, key, workspace, max(limits.cell_timeout, CHECK_TIMEOUT))
+        row.peak_mib = _peak_rss_mib(descendants() - keep)
+        return records
+    finally:
+        if kernel is not None:
+            kernel.close()
+        kill_new_processes(keep)
+        workspace.close()
+
+
+_REFERENCE: dict[str, dict[str, dict]] = {}
+
+
+def reference_measurements(lesson: str, key: list[CheckCall], limits: Limits) -> dict[str, dict]:
+    """The lesson's own measurements the checks need (``measured``), from one run of its solution notebook
+    in the same kind of workspace; once per lesson per grader run. {exercise: {name: plain value}}."""
+    if lesson not in _REFERENCE:
+        import nbformat
+
+        row = Row("reference")
+        solution = nbformat.read(lessons()[lesson], as_version=4)
+        wanted = [CheckCall(c.name, "None", c.measured, c.points) for c in key if c.measured]
+        records = execute(solution, wanted, row, Limits(limits.cell_timeout, 4 * limits.submission_timeout,
+                                                        None, limits.sandbox)) or {}
+        _REFERENCE[lesson] = {name: r.get("measured") for name, r in records.items() if r.get("status") == "data"}
+        if not _REFERENCE[lesson] and wanted:
+            print(f"the reference run of lesson {lesson}'s solution failed: {'; '.join(row.reasons)[:300]}",
+                  file=sys.stderr)
+    return _REFERENCE[lesson]
+
+
+def judge(call: CheckCall, record: dict | None, reference: dict[str, dict], limits: Limits) -> tuple[float, str]:
+    """(points, reason or "") for one exercise, from the answer record read out of the kernel."""
+    from helpers.checks import PASS, AnswerError, plain, verdict
+
+    record = record or {"status": "error", "message": "no answer was read (the check did not run)"}
+    if record.get("status") == "function":
+        record = run_probe(call.name, record.get("pickle", b""), limits.sandbox, limits.cell_timeout, limits.memory)
+    status = record.get("status")
+    if status != "data":
+        what = {"missing": "missing", "refused": "not yet", "error": "not yet"}.get(status, "not yet")
+        return 0.0, f"{call.name}: {what}: {str(record.get('message', ''))[:300]}"
+    if call.measured and call.name not in reference:
+        return 0.0, f"{call.name}: not graded: the grader's own run of the solution notebook failed"
+    try:
+        data = plain(record.get("data"))
+    except AnswerError as err:
+        return 0.0, f"{call.name}: not yet: {err}"
+    result = verdict(call.name, data, measured=reference.get(call.name) or {})
+    points = min(max(result.points, 0.0), call.points) if result.status == PASS else 0.0
+    return points, "" if points >= call.points else f"{call.name}: {result.status}: {result.message[:300]}"
+
+
+def grade_notebook(nb, lesson: str, row: Row, limits: Limits) -> None:
+    """Execute ``nb`` (an in-memory copy) in a fresh kernel, then judge its answers here; fill in ``row``."""
     key = answer_key(lesson)
     _zero(row, lesson)
     if not key:
         row.reasons.append(f"lesson {lesson}'s solution has no check calls: nothing to grade")
-    with tempfile.TemporaryDirectory(prefix="grade-", ignore_cleanup_errors=True) as tmp:
-        tmp = Path(tmp)
-        (tmp / "course").mkdir()
-        cwd = course_mirror(tmp / "course")
-        out = tmp / "results.jsonl"
-        try:
-            kernel = Kernel(cwd, memory_limit)
-        except Exception as err:
-            row.reasons.append(f"the kernel did not start ({type(err).__name__}: {str(err)[:160]})")
-            return
-        try:
-            alive, errors = True, []
-            deadline = time.monotonic() + submission_timeout
-            cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
-            for n, (index, cell) in enumerate(cells):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    row.reasons.append(f"the notebook exceeded its time limit ({submission_timeout:g} s): "
-                                       f"{len(cells) - n} cell(s) from cell {index} on did not run")
-                    break
-                outcome = kernel.run(cell.source, min(cell_timeout, left))
-                problem = _cell_problem(index, outcome, cell_timeout, memory_limit)
-                if problem:
-                    row.reasons.append(problem)
-                elif outcome.status == "error" and outcome.ename != "NotImplementedError":
-                    errors.append(f"{index} ({outcome.ename})")
-                if outcome.status in ("stuck", "dead"):
-                    alive = False
-                    break
-            if errors:
-                row.reasons.append("errors in cell " + ", ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
-            if not alive:
-                row.reasons.append("exercises not graded: the kernel is gone")
-                row.status = "graded"
-                return
-            grade_module, alias = Path(__file__).resolve(), f"_course_grading_{secrets.token_hex(6)}"
-            prepare = (f"import importlib.util as _u, sys as _s\n"
-                       f"_spec = _u.spec_from_file_location({alias + '_grade'!r}, {str(grade_module)!r})\n"
-                       f"_g = _s.modules[{alias + '_grade'!r}] = _u.module_from_spec(_spec)\n"
-                       f"_spec.loader.exec_module(_g)\n"
-                       f"_g.kernel_prepare(globals(), {alias!r}, {str(out)!r}, "
-                       f"{sorted({c.module for c in key if c.module})!r})")
-            outcome = kernel.run(prepare, max(cell_timeout, GRADER_TIMEOUT))  # the grader's time, not the notebook's
-            if outcome.status != "ok":
-                row.reasons.append(f"exercises not graded: the grader could not load the checks in the kernel "
-                                   f"({outcome.status} {outcome.ename}: {outcome.evalue[:120]})")
-                return
-            for call in key:
-                code = (f"import sys as _s\n_s.modules[{alias + '_grade'!r}].kernel_check(globals(), {alias!r}, "
-                        f"{str(out)!r}, {call.name!r}, {call.code!r})")
-                outcome = kernel.run(code, max(cell_timeout, CHECK_TIMEOUT))
-                if outcome.status in ("stuck", "dead"):
-                    row.reasons.append(f"{call.name}: the check did not finish ({outcome.status}); "
-                                       "later exercises not graded")
-                    break
-            row.status = "graded"
-            _read_results(out, key, row)
-        finally:
-            kernel.close()
-
-
-def _read_results(out: Path, key: list[CheckCall], row: Row) -> None:
-    records = []
-    with contextlib.suppress(OSError):
-        for line in out.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    by_name = {r.get("name"): r for r in records if r.get("kind") == "check"}
-    for r in records:
-        if r.get("kind") == "prepared":
-            row.reasons.extend(str(n) for n in r.get("notes", []))
-            with contextlib.suppress(TypeError, ValueError):
-                row.peak_mib = round(float(r["peak_rss_kib"]) / 1024, 1)
+    records = execute(nb, key, row, limits)
+    row.status = "graded"
+    if records is None:
+        return
+    reference = reference_measurements(lesson, key, limits) if any(c.measured for c in key) else {}
     for call in key:
-        r = by_name.get(call.name)
-        if r is None:
-            row.reasons.append(f"{call.name}: no result (the check did not run)")
-            continue
-        try:
-            points = min(max(float(r.get("points", 0.0)), 0.0), call.points)
-        except (TypeError, ValueError):
-            points = 0.0
+        points, reason = judge(call, records.get(call.name), reference, limits)
         row.points[call.name] = points
-        if points < call.points:
-            row.reasons.append(f"{call.name}: {r.get('status')}: {str(r.get('message', ''))[:300]}")
+        if reason:
+            row.reasons.append(reason)
 
 
 def _zero(row: Row, lesson: str | None) -> None:
@@ -632,8 +796,7 @@ def _zero(row: Row, lesson: str | None) -> None:
             row.points = {c.name: 0.0 for c in key}
 
 
-def grade(path: Path, forced: str | None, cell_timeout: float, submission_timeout: float,
-          memory_limit: int | None) -> Row:
+def grade(path: Path, forced: str | None, limits: Limits) -> Row:
     """One row for one submission; never raises."""
     row = Row(str(path))
     try:
@@ -647,11 +810,24 @@ def grade(path: Path, forced: str | None, cell_timeout: float, submission_timeou
             row.reasons.append(reason)
             _zero(row, forced or lesson_from_name(path))
             return row
-        grade_notebook(nb, lesson, row, cell_timeout, submission_timeout, memory_limit)
+        grade_notebook(nb, lesson, row, limits)
     except Exception as err:  # a bug in the grader must cost one row, not the whole room's grades
         row.status = "not graded"
         row.reasons.append(f"grader error ({type(err).__name__}: {str(err)[:200]})")
     return row
+
+
+def course_digest() -> dict[str, str]:
+    """sha256 of every file of the course tree (not .git, .venv or caches): a submission must not change it."""
+    digests = {}
+    skip = {".git", ".venv", "__pycache__", ".ipynb_checkpoints", ".pytest_cache", ".ruff_cache"}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in files:
+            path = Path(folder) / name
+            with contextlib.suppress(OSError):
+                digests[str(path.relative_to(ROOT))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 # ------------------------------------------------------------------------------------------------
@@ -701,6 +877,9 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run-probe"] and len(argv) == 3:  # internal: the probe process of run_probe
+        return probe_main(argv[1], argv[2])
     parser = argparse.ArgumentParser(prog="python -m helpers.grade",
                                      description="Grade submitted lesson notebooks into a CSV.")
     parser.add_argument("submissions", nargs="+", help="notebook files, or folders of them")
@@ -714,6 +893,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-limit", default=DEFAULT_MEMORY_LIMIT,
                         help=f"the kernel's memory limit (RLIMIT_DATA), e.g. 4G, 512M or none "
                              f"(default {DEFAULT_MEMORY_LIMIT})")
+    parser.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
+                        help="run submissions inside bubblewrap: auto (when it is installed and works; the "
+                             "default), bwrap (required: stop if it is missing) or none")
     args = parser.parse_args(argv)
     try:
         memory_limit = parse_bytes(args.memory_limit)
@@ -727,19 +909,44 @@ def main(argv=None) -> int:
         forced = next((n for n, p in lessons().items() if stem in (n, p.stem) or stem.zfill(2) == n), None)
         if forced is None:
             parser.error(f"no lesson {args.lesson!r}; lessons: {', '.join(lessons())}")
+    sandbox = args.sandbox != "none" and bubblewrap() is not None
+    if args.sandbox == "bwrap" and not sandbox:
+        parser.error("--sandbox bwrap: bubblewrap is not installed or does not work here "
+                     "(Debian/Ubuntu: apt-get install bubblewrap)")
     submissions = expand(args.submissions)
     if not submissions:
         parser.error("no notebooks found in the folders given")
     out = Path(args.out)
     if any(out.resolve() == s.resolve() for s in submissions):
         parser.error(f"--out {out} is one of the submissions: the grader never writes to a submission")
+    limits = Limits(args.cell_timeout, args.submission_timeout, memory_limit, sandbox)
+    become_subreaper()
+    print("submissions run in a bubblewrap sandbox (read-only files, no network, own processes)" if sandbox else
+          "no sandbox: submissions run as you, in a private copy of the course (see the README, 'Grading')",
+          file=sys.stderr)
+    before = course_digest()
     rows = []
     for path in submissions:
+        if rows and rows[-1].status == "stopped":
+            row = Row(str(path), reasons=["not graded: an earlier submission changed the course; restore it "
+                                          "(git status, git checkout) and grade again"])
+            _zero(row, forced or lesson_from_name(path))
+            rows.append(row)
+            continue
         print(f"grading {path} ...", file=sys.stderr, flush=True)
         start = time.monotonic()
-        rows.append(grade(path, forced, args.cell_timeout, args.submission_timeout, memory_limit))
+        rows.append(grade(path, forced, limits))
+        after = course_digest()
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if changed:
+            row = rows[-1]
+            row.points = dict.fromkeys(row.points, 0.0)
+            row.status = "stopped"
+            row.reasons.insert(0, f"this submission changed the course ({', '.join(changed[:3])}): no points, and "
+                                  "grading stopped")
         print(f"  {_fmt(rows[-1].total)}/{_fmt(rows[-1].max_points)} in {time.monotonic() - start:.0f} s",
               file=sys.stderr, flush=True)
+    # Every submission's processes are gone (killed with its workspace) before the CSV is written.
     try:
         write_csv(rows, out)
     except OSError as err:

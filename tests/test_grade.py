@@ -155,7 +155,7 @@ def test_redefining_or_editing_the_checks_gains_nothing(lesson00):
     assert (row["total"], row["max"]) == ("0", "4"), row["reason"]
     for name in EXERCISES_00:  # graded on the real answers, with the real checks' feedback
         assert f"{name}: not yet" in row["reason"], row["reason"]
-    assert "weights_7b: not yet: bf16: you said 7.00 GB; that is 1 byte per parameter (int8)" in row["reason"]
+    assert "weights_7b: not yet: bf16: you said 7.00 GB" in row["reason"]
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -177,8 +177,7 @@ def test_what_is_not_a_lesson_00_notebook_gets_a_row_with_the_reason(lesson00, n
 def test_patching_the_course_modules_gains_nothing(lesson00):
     row = lesson00["rows"]["patches_the_course.ipynb"]
     assert row["total"] == "0", row["reason"]
-    # Lesson 00's checks import no other course module, so the patch to helpers.estimate is irrelevant here;
-    # detecting such patches is tested below (test_a_changed_course_function_is_detected).
+    # The verdicts are computed by the grader, with the checks it loaded before any submission ran.
     assert "weights_7b: not yet" in row["reason"] and "adamw_state_bytes: not yet" in row["reason"]
 
 
@@ -228,16 +227,19 @@ def test_the_answer_key_is_every_check_call_of_the_solution(path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             written += [n for n in re.findall(r"""\bcheck\(\s*["'](\w+)["']""", cell.source) if n not in written]
-    key = grade.check_calls(nb)
+    key = grade.answer_key(path.name[:2])
     assert [c.name for c in key] == written and written
-    for call in key:
-        assert call.code.startswith(f"{grade.CHECK_FN}({call.name!r}")
+    from helpers.checks import EXERCISES
+
+    for call in key:  # the grader reads only the answer, and the lesson's own measurements the check names
+        assert set(call.measured) <= set(EXERCISES[call.name].measured)
+        assert call.code == (EXERCISES[call.name].probe is not None)
 
 
 def test_the_answer_key_keeps_the_solutions_arguments():
     nb = notebook("x = 1", 'check("a", (x, y), n=n, **extra)\n%matplotlib inline\ncheck("b", z)', "print('check(')")
-    assert [(c.name, c.code) for c in grade.check_calls(nb)] == [
-        ("a", f"{grade.CHECK_FN}('a', (x, y), n=n, **extra)"), ("b", f"{grade.CHECK_FN}('b', z)")]
+    assert [(c.name, c.answer, c.measured) for c in grade.check_calls(nb)] == [
+        ("a", "(x, y)", {"n": "n"}), ("b", "z", {})]
 
 
 STUDENTS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -260,16 +262,6 @@ def test_a_notebook_unlike_any_lesson_needs_a_name_or_lesson():
     assert lesson is None and reason.startswith("cannot tell which lesson this is")
     assert grade.lesson_from_name(Path("bob-00_where_the_memory_goes (1).ipynb")) == "00"
     assert grade.lesson_from_name(Path("99_x.ipynb")) is None
-
-
-def test_a_changed_course_function_is_detected(monkeypatch):
-    import helpers.estimate as estimate
-
-    path = Path(estimate.__file__).resolve()
-    assert grade._changed_functions(estimate, path) == []
-    monkeypatch.setattr(estimate, "predict", lambda *a, **k: None)
-    monkeypatch.setattr(estimate.Dims, "of", classmethod(lambda cls, config: None))
-    assert sorted(grade._changed_functions(estimate, path)) == ["Dims.of", "predict"]
 
 
 def test_memory_sizes():
@@ -304,3 +296,178 @@ def test_usage_errors_exit_2_without_a_traceback(tmp_path, args, message):
     result = run_grader(sub, *[a.format(sub=sub) for a in args], cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "grades.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Red team: submissions written to attack the grader, not to learn
+# ------------------------------------------------------------------------------------------------
+# The attacker is told where the live course and the CSV are (RED_TEAM_ROOT, RED_TEAM_OUT): the strongest
+# position a submission can be in. Everything here runs in the graded kernel, after the lesson's set-up.
+ATTACK = """\
+import builtins, importlib, numbers, os, subprocess, sys
+from pathlib import Path
+
+class FrameReader(float):  # a number that looks for the check's target up the stack
+    def __float__(self):
+        frame = sys._getframe(1)
+        while frame:
+            for name in ("target", "want", "bf16_target", "expected"):
+                if isinstance(frame.f_locals.get(name), (int, float)):
+                    return float(frame.f_locals[name])
+            frame = frame.f_back
+        return 0.0
+    __eq__ = lambda self, other: True
+    __abs__ = lambda self: 0.0
+
+class RealLiar:  # not a float at all, but registered as a real number
+    __float__ = FrameReader.__float__
+    __eq__ = lambda self, other: True
+numbers.Real.register(RealLiar)
+
+class LyingStr(str):
+    strip = lower = lambda self, *a: "activations"
+    __eq__ = lambda self, other: True
+    __hash__ = str.__hash__
+
+class LyingDict(dict):
+    get = __getitem__ = lambda self, key, *default: 1
+    items = lambda self: [("answer", 1)]
+
+builtins.abs = lambda x: 0
+importlib.import_module = lambda name, package=None: sys.modules.get(name)
+try:
+    import helpers.memory
+    helpers.memory.MemoryReport.largest = lambda self: "activations"
+except Exception:
+    pass
+
+import ast
+class EverythingPasses(ast.NodeTransformer):
+    def visit_Constant(self, node):
+        return node
+get_ipython().ast_transformers.append(EverythingPasses())
+
+# Tamper with the course: the live tree (found from the interpreter's path, or told) and this copy.
+live = Path(os.environ.get("RED_TEAM_ROOT") or Path(sys.executable).resolve().parents[2])
+for root in (live, Path.cwd().parent):
+    for target in (root / "helpers" / "checks.py", root / "helpers" / "exercises" / "lesson00.py"):
+        try:
+            with open(target, "a") as f:
+                f.write("\\n# tampered\\n")
+        except OSError as err:
+            print("cannot tamper:", err)
+
+# Forge the results, now and after the grader is gone (a detached process that outlives the kernel).
+out = os.environ.get("RED_TEAM_OUT", "")
+for pid in os.listdir("/proc"):  # or read the grader's command line
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+    except OSError:
+        continue
+    if b"helpers.grade" in b" ".join(argv) and b"--out" in argv:
+        out = argv[argv.index(b"--out") + 1].decode()
+SURVIVOR = ("import os, sys, time\\nos.setsid()\\nos.fork() and os._exit(0)\\ntime.sleep(6)\\n"
+            "open(sys.argv[1], 'w').write('forged')")
+subprocess.Popen([sys.executable, "-c", SURVIVOR, out], start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+try:
+    with open(out, "a") as f:
+        f.write("00_lies.ipynb,00_where_the_memory_goes,1,1,1,1,4,4,graded,,\\n")
+except OSError as err:
+    print("cannot forge:", err)
+"""
+
+LIES_00 = ["bf16_bytes_7b, nf4_bytes_7b = FrameReader(1.0), FrameReader(1.0)",
+           "adamw_state_bytes = RealLiar()",
+           "largest = LyingStr('bananas')",
+           "logits_bytes = FrameReader(12.0)\nn_params = 1\ndims = None"]
+
+CHEATS_02 = [
+    # deletes the lower blocks instead of freezing them: what trains is "the last k blocks" of what is left
+    "def freeze_all_but_last(model, k):\n    layers = model.model.layers\n    del layers[:len(layers) - k]\n"
+    "    model.requires_grad_(True)\n    model.model.embed_tokens.requires_grad_(False)",
+    "def count_trainable(model):\n    raise SystemExit(0)",
+    "K = 1\nstate_bytes_K = FrameReader(8.0)",
+]
+RIGHT_02 = [
+    "def freeze_all_but_last(model, k):\n    model.requires_grad_(False)\n    layers = model.model.layers\n"
+    "    for block in layers[len(layers) - k:]:\n        block.requires_grad_(True)\n"
+    "    model.model.norm.requires_grad_(True)",
+    "def count_trainable(model):\n    return sum(p.numel() for p in model.parameters() if p.requires_grad)",
+]
+
+
+def red_team_run(folder: Path, *args, root=ROOT):
+    out = folder / "grades.csv"
+    env = {**_env(), "RED_TEAM_ROOT": str(root), "RED_TEAM_OUT": str(out), "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-m", "helpers.grade", *map(str, args), "--out", str(out)], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=1200)
+    written = out.read_text(encoding="utf-8") if out.exists() else ""
+    import time
+
+    time.sleep(8)  # longer than the survivor waits
+    return {"result": result, "out": out, "written": written, "rows": read_rows(out) if out.exists() else {}}
+
+
+@pytest.fixture(scope="module")
+def red_team(tmp_path_factory):
+    if grade.bubblewrap() is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap): the sandboxed grader is not tested")
+    folder = tmp_path_factory.mktemp("red_team")
+    nbformat.write(notebook(ATTACK, *LIES_00), folder / "00_lies.ipynb")
+    nbformat.write(notebook(ATTACK, *CHEATS_02), folder / "02_cheats.ipynb")
+    nbformat.write(notebook(*RIGHT_02), folder / "02_right.ipynb")
+    before = grade.course_digest()
+    run = red_team_run(folder, folder / "00_lies.ipynb", folder / "02_cheats.ipynb", folder / "02_right.ipynb",
+                       "--sandbox", "bwrap")
+    return {**run, "before": before, "after": grade.course_digest()}
+
+
+def test_red_team_cheats_get_no_points_and_no_traceback(red_team):
+    result, rows = red_team["result"], red_team["rows"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    lies, cheats = rows["00_lies.ipynb"], rows["02_cheats.ipynb"]
+    assert lies["status"] == cheats["status"] == "graded", (lies["reason"], cheats["reason"])
+    assert [lies[e] for e in EXERCISES_00] == ["0"] * 4, lies["reason"]
+    assert (cheats["freeze_all_but_last"], cheats["count_trainable"], cheats["optimizer_state_bytes_k"],
+            cheats["total"]) == ("0", "0", "0", "0"), cheats["reason"]
+    assert "SystemExit" in cheats["reason"], cheats["reason"]
+
+
+def test_red_team_right_code_answers_still_get_their_points(red_team):
+    row = red_team["rows"]["02_right.ipynb"]
+    assert (row["freeze_all_but_last"], row["count_trainable"]) == ("1", "1"), row["reason"]
+
+
+def test_red_team_leaves_the_course_and_the_results_alone(red_team):
+    assert red_team["after"] == red_team["before"]  # byte-identical course tree
+    final = red_team["out"].read_text(encoding="utf-8")
+    assert final == red_team["written"] and "forged" not in final  # no survivor rewrote it
+    assert final.count("00_lies.ipynb") == 1
+
+
+def test_without_a_sandbox_tampering_is_detected_and_nothing_survives(tmp_path):
+    """--sandbox none, on a copy of the course: the attack may write into that copy; the grader must notice,
+    give no points, stop, kill the detached process, and write the CSV after it is gone."""
+    course = tmp_path / "course"
+    for name in ("helpers", "solutions", "notebooks", "requirements.txt", "pyproject.toml"):
+        source = ROOT / name
+        if source.is_dir():
+            import shutil
+
+            shutil.copytree(source, course / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (course / name).write_bytes(source.read_bytes())
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    nbformat.write(notebook(ATTACK, *LIES_00), folder / "00_lies.ipynb")
+    nbformat.write(notebook(*LIES_00[:1]), folder / "00_later.ipynb")
+    run = red_team_run(folder, folder / "00_lies.ipynb", folder / "00_later.ipynb", "--sandbox", "none", root=course)
+    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
+    lies, later = run["rows"]["00_lies.ipynb"], run["rows"]["00_later.ipynb"]
+    assert lies["status"] == "stopped" and lies["total"] == "0", lies["reason"]
+    assert "changed the course (helpers/checks.py" in lies["reason"], lies["reason"]
+    assert later["status"] == "not graded" and "an earlier submission changed the course" in later["reason"]
+    final = run["out"].read_text(encoding="utf-8")
+    assert final == run["written"] and "forged" not in final
