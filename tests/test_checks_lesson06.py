@@ -1,43 +1,71 @@
-"""Lesson 06's checks: each passes the right answer, says "not attempted" to a blank, hints at wrong ones."""
+"""Lesson 06's checks: right answers pass, blanks are "not attempted", plausible mistakes get a specific hint,
+and wrong or cheating answers never get points."""
 
+import ast
+import inspect
+import math
+import numbers
+from pathlib import Path
+
+import nbformat
+import numpy as np
 import pytest
-from casebook import COURSE, assert_grades, registered
+import torch
+from casebook import COURSE, TINY, assert_grades, grade, registered
 
-from helpers.checks import FAIL, run_check
-from helpers.exercises.lesson06 import autocast_crossover, largest_safe_scale
+from helpers.checks import EXERCISES, FAIL, PASS, run_check
+from helpers.estimate import Recipe, predict
+from helpers.exercises.lesson06 import SEQ_LEN, autocast_crossover, largest_safe_scale
+from helpers.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "06_mixed_precision.ipynb"
+NAMES = ["autocast_copy_bytes", "largest_loss_scale", "autocast_pays_from_batch"]
+GRADIENT = 3.2  # a measured largest gradient: the largest safe scale is 2^14
+
+
+def seq_for(dims):
+    return SEQ_LEN if dims == COURSE else 16  # the tiny model needs shorter rows for a crossover above 2
+
+
+def copies(dims):
+    return 2 * (dims.layers * dims.block_linear_params + dims.embedding_params)
 
 
 def cases(dims):
     blocks = dims.layers * dims.block_linear_params
-    copies = 2 * (blocks + dims.embedding_params)
-    seq = 128 if dims == COURSE else 16
+    right = copies(dims)
+    seq = seq_for(dims)
     crossover = autocast_crossover(dims, seq)
     assert crossover and crossover > 2, "pick a sequence length where small batches do not pay yet"
     return {
-        # name: (right answer, context, [(wrong answer, a word its hint must contain)])
-        "autocast_copy_bytes": (copies, {"dims": dims},
-                                [(2 * blocks, "lm_head"), (2 * dims.params, "norm"), (2 * copies, "fp32"),
+        # name: (right answer, context, measured, [(wrong answer, a word its hint must contain)])
+        "autocast_copy_bytes": (right, {"dims": dims}, {},
+                                [(2 * blocks, "lm_head"), (2 * dims.params, "norm"), (2 * right, "fp32"),
                                  (2 * (blocks + 2 * dims.embedding_params), "embedding lookup"),
-                                 (copies / 2, "half"), (copies * 8 + 1, "linear layer"), ("lots", "number")]),
-        "largest_loss_scale": (2.0 ** 14, {"largest_gradient": 3.2},
-                               [(2.0 ** 16, "inf"), (14, "exponent"), (65504 / 3.2, "powers of two"),
-                                (2.0 ** 13, "not the largest"), (-1, "positive"), ([2.0 ** 14], "number")]),
-        "autocast_pays_from_batch": (crossover, {"dims": dims, "seq_len": seq},
+                                 (right / 2, "half"), (right * 8 + 1, "bits"), (right / 2**20, "MiB"),
+                                 (right / 1e6, "MB"), (right - 2 * dims.block_linear_params, "one block short"),
+                                 (right + 1, "count"), ("lots", "number")]),
+        "largest_loss_scale": (2.0 ** 14, None, {"largest_gradient": GRADIENT},
+                               [(2.0 ** 16, "inf"), (14, "exponent"), (65504 / GRADIENT, "powers of two"),
+                                (2.0 ** 13, "not the largest"), (-1, "positive"), ([2.0 ** 14], "number"),
+                                (2.0 ** 15, "inf")]),
+        "autocast_pays_from_batch": (crossover, {"dims": dims, "seq_len": seq}, {},
                                      [(1, "not lower yet"), (crossover - 1, "not lower yet"),
-                                      (crossover + 3, "smallest"), (2.5, "whole number"), ("many", "batch size")]),
+                                      (crossover + 3, "smallest"), (2.5, "whole number"), ("many", "batch size"),
+                                      (0, "whole number"), (10**9, "smallest")]),
     }
 
 
 def test_every_registered_exercise_has_cases(dims):
-    assert set(cases(dims)) == registered("06")
+    assert set(cases(dims)) == registered("06") == set(NAMES)
 
 
-@pytest.mark.parametrize("name", ["autocast_copy_bytes", "largest_loss_scale", "autocast_pays_from_batch"])
-def test_lesson06_checks(name, dims):
-    right, context, wrong = cases(dims)[name]
-    assert_grades(name, right, wrong, **context)
+@pytest.mark.parametrize("name", NAMES)
+def test_check(name, dims):
+    right, context, measured, wrong = cases(dims)[name]
+    assert_grades(name, right, wrong, context, **measured)
 
 
 def test_largest_loss_scale_is_the_power_of_two_below_the_overflow():
@@ -47,7 +75,169 @@ def test_largest_loss_scale_is_the_power_of_two_below_the_overflow():
     assert largest_safe_scale(1.0) == 32768.0
 
 
-def test_lesson06_checks_without_context_say_what_to_run():
-    for name in ("autocast_copy_bytes", "largest_loss_scale", "autocast_pays_from_batch"):
-        result = run_check(name, 5)
-        assert result.status == FAIL and "run the cells above" in result.message
+def test_the_loss_scale_follows_the_lessons_measurement():
+    for g, right in ((0.5, 2.0 ** 16), (100.0, 512.0)):
+        assert grade("largest_loss_scale", right, largest_gradient=g).status == PASS
+        assert grade("largest_loss_scale", 2.0 ** 14, largest_gradient=g).status == FAIL
+
+
+# ------------------------------------------------------------------------------------------------
+# Red team: slips just outside the lesson's point, and answers that lie. None may score.
+# ------------------------------------------------------------------------------------------------
+def assert_no_points(name, answers, context=None, **measured):
+    for answer in answers:
+        result = grade(name, answer, context, **measured)
+        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
+
+
+class LyingFloat(float):
+    """Stores one value, claims another to every method a check might call."""
+
+    claim = 0.0
+
+    def __float__(self):
+        return float(self.claim)
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = float.__hash__
+
+    def __sub__(self, other):
+        return 0.0
+
+    __rsub__ = __sub__
+
+
+class LyingInt(int):
+    claim = 0
+
+    def __index__(self):
+        return self.claim
+
+    __int__ = __index__
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = int.__hash__
+
+
+def liar(cls, stored, claim):
+    value = cls(stored)
+    value.claim = claim
+    return value
+
+
+class FrameReader:
+    """A "number" registered as numbers.Real that hunts the caller's frames for the target."""
+
+    def __float__(self):
+        for frame in inspect.stack():
+            for key in ("want", "target", "right"):
+                if isinstance(frame.frame.f_locals.get(key), (int, float)):
+                    return float(frame.frame.f_locals[key])
+        return 0.0
+
+    __index__ = __int__ = lambda self: int(float(self))
+
+
+numbers.Real.register(FrameReader)
+
+
+def test_autocast_copy_bytes_red_team(dims):
+    right, ctx = copies(dims), {"dims": dims}
+    wrong = [right + 2, right - 2 * dims.hidden,  # a norm counted as cast or one small matrix left out
+             right * 1.001, round(right, -5),  # rounded: the count is exact
+             right / 2**20 * 1e6,  # MiB written as MB
+             2 * (dims.layers * dims.block_linear_params + dims.embedding_params + dims.hidden),
+             liar(LyingFloat, 1.0, right), liar(LyingInt, 1, right), FrameReader(), str(right), [right],
+             {"bytes": right}, True, float("nan"), float("inf"), torch.ones(2)]
+    assert_no_points("autocast_copy_bytes", wrong, ctx)
+
+
+def test_largest_loss_scale_red_team():
+    wrong = [2.0 ** 14 + 1, 2.0 ** 14 * 1.0001, 20470.0,  # 65504 / 3.2, not a power of two
+             liar(LyingFloat, 1.0, 2.0 ** 14), liar(LyingInt, 1, 2 ** 14), FrameReader(), "16384", True]
+    assert_no_points("largest_loss_scale", wrong, largest_gradient=GRADIENT)
+    # the measurement is the lesson's: without it, or with a bogus one, nothing passes
+    for measured in ({}, {"largest_gradient": "big"}, {"largest_gradient": -1.0}, {"largest_gradient": 0.0}):
+        result = grade("largest_loss_scale", 2.0 ** 14, **measured)
+        assert result.status == FAIL and result.points == 0, (measured, result.message)
+
+
+def test_autocast_pays_from_batch_red_team(dims):
+    seq = seq_for(dims)
+    crossover = autocast_crossover(dims, seq)
+    ctx = {"dims": dims, "seq_len": seq}
+    wrong = [crossover + 1, crossover - 0.5, crossover * 2, -crossover, liar(LyingInt, 1, crossover),
+             liar(LyingFloat, 1.0, crossover), FrameReader(), str(crossover), [crossover], True]
+    assert_no_points("autocast_pays_from_batch", wrong, ctx)
+
+
+def test_reasonable_number_types_pass(dims):
+    ctx = {"dims": dims}
+    for answer in (np.int64(copies(dims)), float(copies(dims)), torch.tensor(copies(dims), dtype=torch.float64)):
+        assert grade("autocast_copy_bytes", answer, ctx).status == PASS, type(answer)
+    for answer in (np.float32(2 ** 14), torch.tensor(2.0 ** 14), 16384):
+        assert grade("largest_loss_scale", answer, largest_gradient=GRADIENT).status == PASS, type(answer)
+    crossover = autocast_crossover(dims, seq_for(dims))
+    ctx = {"dims": dims, "seq_len": seq_for(dims)}
+    for answer in (np.int32(crossover), float(crossover)):
+        assert grade("autocast_pays_from_batch", answer, ctx).status == PASS, type(answer)
+
+
+def test_check_refuses_a_context_from_the_learner():
+    forged = run_check("autocast_copy_bytes", copies(TINY), dims=TINY)
+    assert forged.status == FAIL and forged.points == 0 and "takes no dims" in forged.message
+    forged = run_check("autocast_pays_from_batch", 1, seq_len=1)
+    assert forged.status == FAIL and forged.points == 0 and "takes no seq_len" in forged.message
+
+
+def test_only_the_gradient_is_a_measurement():
+    assert EXERCISES["largest_loss_scale"].measured == ("largest_gradient",)
+    assert EXERCISES["autocast_copy_bytes"].measured == EXERCISES["autocast_pays_from_batch"].measured == ()
+
+
+# ------------------------------------------------------------------------------------------------
+# The trusted context, the notebook's check calls and the solution's own answers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trusted_context_is_the_course_config():
+    assert EXERCISES["autocast_copy_bytes"].trusted_context() == {"dims": COURSE}
+    assert EXERCISES["autocast_pays_from_batch"].trusted_context() == {"dims": COURSE, "seq_len": SEQ_LEN}
+    assert grade("autocast_copy_bytes", copies(COURSE)).status == PASS
+    assert grade("autocast_copy_bytes", copies(TINY)).status == FAIL
+    assert grade("autocast_pays_from_batch", autocast_crossover(COURSE, SEQ_LEN)).status == PASS
+
+
+def notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def test_the_notebooks_check_calls_pass_only_measurements():
+    calls = {}
+    for cell in notebook().cells:
+        if cell.cell_type == "code" and "check(" in cell.source:
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
+                    calls[node.args[0].value] = sorted(k.arg for k in node.keywords)
+    assert calls == {name: sorted(EXERCISES[name].measured) for name in NAMES}
+
+
+def test_the_solutions_answers_pass_and_use_the_lessons_sequence_length():
+    """The code between BEGIN and END SOLUTION, run on the course model's shapes."""
+    regions = [text for _, text in solution_regions(notebook())]
+    namespace = {"dims": COURSE, "Recipe": Recipe, "predict": predict, "math": math,
+                 "fp16": torch.finfo(torch.float16), "largest_gradient": GRADIENT}
+    for text in regions:
+        exec(text, namespace)
+    assert f"seq_len={SEQ_LEN}" in regions[2]
+    context = {"autocast_copy_bytes": {"dims": COURSE}, "largest_loss_scale": None,
+               "autocast_pays_from_batch": {"dims": COURSE, "seq_len": SEQ_LEN}}
+    answers = {"autocast_copy_bytes": namespace["copy_bytes"], "largest_loss_scale": namespace["loss_scale"],
+               "autocast_pays_from_batch": namespace["crossover_batch"]}
+    for name, answer in answers.items():
+        measured = {"largest_gradient": GRADIENT} if name == "largest_loss_scale" else {}
+        result = grade(name, answer, context[name], **measured)
+        assert result.status == PASS, (name, result.message)

@@ -1,17 +1,38 @@
-"""Lesson 07's checks: each passes the right answer, says "not attempted" to a blank, hints at wrong ones."""
+"""Lesson 07's checks: right answers pass, blanks are "not attempted", plausible mistakes get a specific hint,
+and wrong or cheating answers never get points."""
 
+import ast
+import inspect
+import numbers
+from pathlib import Path
+
+import nbformat
+import numpy as np
 import pytest
-from casebook import assert_grades, registered
+import torch
+from casebook import COURSE, TINY, assert_grades, grade, registered
 
-from helpers.checks import FAIL, PASS, run_check
+from helpers.checks import EXERCISES, FAIL, PASS, run_check
 from helpers.estimate import Recipe, predict
-from helpers.exercises.lesson07 import split_for_budget
+from helpers.exercises import lesson07
+from helpers.exercises.lesson07 import (
+    BUDGET,
+    BUDGET_RECIPE,
+    EFFECTIVE_ROWS,
+    LENGTHS,
+    PEAK_RECIPE,
+    SHORT,
+    split_for_budget,
+)
+from helpers.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-LENGTHS = [32, 24, 8, 4]  # the lesson's padded rows: one row per micro-batch
+NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "07_gradient_accumulation.ipynb"
+NAMES = ["num_items_in_batch", "accumulation_peak", "micro_batch_for_budget"]
 GROUPED = [[64, 40], [16, 6]]  # two micro-batches of two rows
 FULL = Recipe(seq_len=512)
+ITEMS = sum(n - 1 for n in LENGTHS)
 
 
 def budget_case(dims):
@@ -20,56 +41,63 @@ def budget_case(dims):
     return (peak[4] + peak[8]) // 2
 
 
+def budget_context(dims):
+    return {"dims": dims, "recipe": FULL, "effective_batch": 32, "budget": budget_case(dims)}
+
+
 def cases(dims):
-    lora = {"dims": dims, "batch_size": 1, "seq_len": 64, "steps": 4, "lora_rank": 16}
-    recipe = Recipe(batch_size=1, seq_len=64, gradient_accumulation_steps=4, lora_rank=16, lora_targets="all-linear")
+    recipe = PEAK_RECIPE
     right = predict(dims, recipe)
     whole = predict(dims, recipe.but(batch_size=4, gradient_accumulation_steps=1))
     no_grads = predict(dims, recipe.but(gradient_accumulation_steps=1))
-    budget = budget_case(dims)
+    items = {"lengths": LENGTHS, "seq_len": SHORT}
     return {
         # name: (right answer, context, [(wrong answer, a word its hint must contain)])
-        "num_items_in_batch": (sum(n - 1 for n in LENGTHS), {"lengths": LENGTHS, "seq_len": 32},
+        "num_items_in_batch": (ITEMS, items,
                                [(sum(LENGTHS), "shift"), (4 * 32, "padding"), (4, "counts micro-batches"),
-                                (31, "first micro-batch"), (4 * 31, "padding"), ("64", "number")]),
-        "accumulation_peak": (right.peak, lora,
+                                (31, "first micro-batch"), (3, "last micro-batch"), (4 * 31, "padding"),
+                                (sum(LENGTHS) - 1, "not once"), ("64", "number")]),
+        "accumulation_peak": (right.peak, {"dims": dims, "recipe": recipe},
                               [(whole.peak, "without accumulation"), (whole.peak / 4, "stay the same"),
                                (no_grads.peak, "gradients"),
                                (whole.weights + whole.optimizer + whole.activations / 4, "gradients"),
-                               (right.peak / 2**20, "MiB"), ("big", "number")]),
-        "micro_batch_for_budget": ((4, 8), {"dims": dims, "recipe": FULL, "effective_batch": 32, "budget": budget},
+                               (right.peak / 2**20, "MiB"), (right.peak / 2**20 * 1e6, "MiB"),
+                               (right.peak * 8, "bits"), ("big", "number")]),
+        "micro_batch_for_budget": ((4, 8), budget_context(dims),
                                    [((8, 4), "over the"), ((2, 16), "larger micro-batch"), ((4, 4), "effective batch"),
-                                    ((32, 1), "over the"), ((4.5, 7), "whole numbers"), (4, "two numbers")]),
+                                    ((32, 1), "over the"), ((4.5, 7), "whole numbers"), (4, "two numbers"),
+                                    ((4, 8, 1), "two numbers"), ((0, 32), "whole numbers")]),
     }
 
 
-def test_every_registered_exercise_has_cases(dims):
-    assert set(cases(dims)) == registered("07")
+def test_every_registered_exercise_has_cases():
+    assert set(cases(COURSE)) == registered("07") == set(NAMES)
 
 
-@pytest.mark.parametrize("name", ["num_items_in_batch", "accumulation_peak", "micro_batch_for_budget"])
+@pytest.mark.parametrize("name", NAMES)
 def test_check(name, dims):
     right, context, wrong = cases(dims)[name]
-    assert_grades(name, right, wrong, **context)
+    assert_grades(name, right, wrong, context)
 
 
 def test_token_count_with_several_rows_per_micro_batch():
+    ctx = {"lengths": GROUPED, "seq_len": 64}
     want = sum(n - 1 for m in GROUPED for n in m)
-    assert run_check("num_items_in_batch", want, lengths=GROUPED, seq_len=64).status == PASS
-    first_only = run_check("num_items_in_batch", 63 + 39, lengths=GROUPED, seq_len=64)
+    assert grade("num_items_in_batch", want, ctx).status == PASS
+    first_only = grade("num_items_in_batch", 63 + 39, ctx)
     assert first_only.status == FAIL and "every micro-batch" in first_only.message
-    per_micro = run_check("num_items_in_batch", sum(sum(m) for m in GROUPED) - 2, lengths=GROUPED, seq_len=64)
+    per_micro = grade("num_items_in_batch", sum(sum(m) for m in GROUPED) - 2, ctx)
     assert per_micro.status == FAIL and "one per row" in per_micro.message
-    average = run_check("num_items_in_batch", want / 2, lengths=GROUPED, seq_len=64)
+    average = grade("num_items_in_batch", want / 2, ctx)
     assert average.status == FAIL and "sum" in average.message
 
 
 def test_full_fine_tuning_peak(dims):
     """The same check for full fine-tuning, where the gradients are a large share of the peak."""
     recipe = Recipe(batch_size=2, seq_len=128, gradient_accumulation_steps=4)
-    context = {"dims": dims, "batch_size": 2, "seq_len": 128, "steps": 4}
-    assert run_check("accumulation_peak", predict(dims, recipe).peak, **context).passed
-    forgot = run_check("accumulation_peak", predict(dims, recipe.but(gradient_accumulation_steps=1)).peak, **context)
+    ctx = {"dims": dims, "recipe": recipe}
+    assert grade("accumulation_peak", predict(dims, recipe).peak, ctx).passed
+    forgot = grade("accumulation_peak", predict(dims, recipe.but(gradient_accumulation_steps=1)).peak, ctx)
     assert forgot.status == FAIL and "gradients" in forgot.message
 
 
@@ -81,7 +109,215 @@ def test_split_for_budget_finds_the_largest_and_none_below_the_floor(dims):
     assert split_for_budget(dims, FULL, 32, floor - 1) is None
 
 
-def test_context_missing_says_what_to_pass():
-    assert "lengths=" in run_check("num_items_in_batch", 5).message
-    assert "dims=dims" in run_check("accumulation_peak", 5).message
-    assert "budget=" in run_check("micro_batch_for_budget", (1, 2)).message
+# ------------------------------------------------------------------------------------------------
+# Red team: slips just outside the lesson's point, and answers that lie. None may score.
+# ------------------------------------------------------------------------------------------------
+def assert_no_points(name, answers, context=None, **measured):
+    for answer in answers:
+        result = grade(name, answer, context, **measured)
+        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
+
+
+class LyingFloat(float):
+    """Stores one value, claims another to every method a check might call."""
+
+    claim = 0.0
+
+    def __float__(self):
+        return float(self.claim)
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = float.__hash__
+
+    def __sub__(self, other):
+        return 0.0
+
+    __rsub__ = __sub__
+
+
+class LyingInt(int):
+    claim = 0
+
+    def __index__(self):
+        return self.claim
+
+    __int__ = __index__
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = int.__hash__
+
+
+def liar(cls, stored, claim):
+    value = cls(stored)
+    value.claim = claim
+    return value
+
+
+class LyingTuple(tuple):
+    """A pair whose indexing and iteration claim another pair."""
+
+    claim = ()
+
+    def __getitem__(self, i):
+        return self.claim[i]
+
+    def __iter__(self):
+        return iter(self.claim)
+
+    def __len__(self):
+        return 2
+
+
+class LyingDict(dict):
+    claim: dict = {}
+
+    def get(self, key, default=None):
+        return self.claim.get(key, default)
+
+    def __getitem__(self, key):
+        return self.claim[key]
+
+    def items(self):
+        return self.claim.items()
+
+
+class FrameReader:
+    """A "number" registered as numbers.Real that hunts the caller's frames for the target."""
+
+    def __float__(self):
+        for frame in inspect.stack():
+            for key in ("want", "target", "right"):
+                if isinstance(frame.frame.f_locals.get(key), (int, float)):
+                    return float(frame.frame.f_locals[key])
+        return 0.0
+
+    __index__ = __int__ = lambda self: int(float(self))
+
+
+numbers.Real.register(FrameReader)
+
+
+def test_num_items_in_batch_red_team():
+    ctx = {"lengths": LENGTHS, "seq_len": SHORT}
+    wrong = [ITEMS + 1, ITEMS - 1, ITEMS * 1.01, ITEMS / 4, sum(LENGTHS) - 2, liar(LyingInt, 1, ITEMS),
+             liar(LyingFloat, 1.0, ITEMS), FrameReader(), str(ITEMS), [ITEMS], {"tokens": ITEMS}, True]
+    assert_no_points("num_items_in_batch", wrong, ctx)
+
+
+def test_accumulation_peak_red_team(dims):
+    ctx = {"dims": dims, "recipe": PEAK_RECIPE}
+    right = predict(dims, PEAK_RECIPE)
+    lora_grads = right.gradients
+    wrong = [right.peak - lora_grads,  # the adapters' gradients forgotten
+             right.peak * 1.006, right.peak * 0.994,  # just outside the tolerance
+             right.peak / 2**20 * 1e6,  # MiB taken for MB
+             right.weights + right.optimizer + right.gradients + 4 * right.activations,  # activations x k
+             predict(dims, PEAK_RECIPE.but(lora_rank=0)).peak,  # full fine-tuning
+             liar(LyingFloat, 1.0, right.peak), liar(LyingInt, 1, right.peak), FrameReader(), str(right.peak),
+             [right.peak], {"peak": right.peak}, True, float("nan")]
+    assert_no_points("accumulation_peak", wrong, ctx)
+
+
+def test_micro_batch_for_budget_red_team(dims):
+    ctx = budget_context(dims)
+    fake_pair, fake_dict = LyingTuple((8, 4)), LyingDict(micro_batch=8, k=4)
+    fake_pair.claim, fake_dict.claim = (4, 8), {"micro_batch": 4, "k": 8}
+    wrong = [(8, 4), (16, 2), (4, 4), (4.0001, 8), (1, 32), fake_pair, fake_dict,
+             (liar(LyingInt, 8, 4), liar(LyingInt, 4, 8)), (FrameReader(), FrameReader()), "(4, 8)",
+             {"micro": 4}, (4, 8.5), (True, 8)]
+    assert_no_points("micro_batch_for_budget", wrong, ctx)
+
+
+def test_reasonable_forms_pass(dims):
+    ctx = budget_context(dims)
+    for answer in ((4, 8), [4, 8], (np.int64(4), np.int32(8)), (4.0, 8.0), {"micro_batch": 4, "k": 8},
+                   (torch.tensor(4), 8)):
+        assert grade("micro_batch_for_budget", answer, ctx).status == PASS, answer
+    peak = predict(dims, PEAK_RECIPE).peak
+    table = [round(peak / 2**20, 1) * 2**20, round(peak / 2**20) * 2**20] if dims == COURSE else []  # MiB, read back
+    for answer in (np.float64(peak), int(peak), *table):
+        assert grade("accumulation_peak", answer, {"dims": dims, "recipe": PEAK_RECIPE}).status == PASS
+    assert grade("num_items_in_batch", np.int64(ITEMS), {"lengths": LENGTHS, "seq_len": SHORT}).status == PASS
+
+
+def test_check_refuses_a_context_from_the_learner():
+    for name, kwargs in (("num_items_in_batch", {"lengths": [2], "seq_len": 2}),
+                         ("accumulation_peak", {"dims": TINY}),
+                         ("micro_batch_for_budget", {"budget": 10**15})):
+        result = run_check(name, 1, **kwargs)
+        assert result.status == FAIL and result.points == 0 and "takes no" in result.message, name
+    assert all(EXERCISES[name].measured == () for name in NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trusted context, the notebook's constants and check calls, and the solution's own answers
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trusted_context_is_the_course_config_and_the_lessons_constants():
+    assert EXERCISES["num_items_in_batch"].trusted_context() == {"lengths": LENGTHS, "seq_len": SHORT}
+    assert EXERCISES["accumulation_peak"].trusted_context() == {"dims": COURSE, "recipe": PEAK_RECIPE}
+    assert EXERCISES["micro_batch_for_budget"].trusted_context() == {
+        "dims": COURSE, "recipe": BUDGET_RECIPE, "effective_batch": EFFECTIVE_ROWS, "budget": BUDGET}
+    assert grade("micro_batch_for_budget", (4, 8)).status == PASS
+    assert grade("accumulation_peak", predict(COURSE, PEAK_RECIPE).peak).status == PASS
+
+
+def notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def notebook_values(names, **namespace):
+    """The values the solution notebook's top-level assignments give ``names``, evaluated in order."""
+    for cell in notebook().cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.Assign) and all(
+                    {n.id for n in ast.walk(t) if isinstance(n, ast.Name)} <= set(names) for t in node.targets):
+                exec(compile(ast.Module([node], []), str(NOTEBOOK), "exec"), namespace)
+    return {name: namespace[name] for name in names}
+
+
+def test_the_notebooks_constants_are_the_checks():
+    nb = notebook_values(["SHORT", "SEQ", "EFFECTIVE", "STEPS", "LENGTHS", "lora_recipe", "GiB", "budget_recipe",
+                          "EFFECTIVE_ROWS", "BUDGET"], Recipe=Recipe)
+    assert (nb["SHORT"], nb["SEQ"], nb["EFFECTIVE"]) == (SHORT, lesson07.SEQ, lesson07.EFFECTIVE)
+    assert tuple(nb["LENGTHS"]) == LENGTHS
+    k = lesson07.K
+    assert nb["lora_recipe"].but(batch_size=nb["EFFECTIVE"] // k, gradient_accumulation_steps=k) == PEAK_RECIPE
+    assert (nb["budget_recipe"], nb["EFFECTIVE_ROWS"], nb["BUDGET"]) == (BUDGET_RECIPE, EFFECTIVE_ROWS, BUDGET)
+
+
+def test_the_notebooks_check_calls_pass_only_measurements():
+    calls = {}
+    for cell in notebook().cells:
+        if cell.cell_type == "code" and "check(" in cell.source:
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
+                    calls[node.args[0].value] = sorted(k.arg for k in node.keywords)
+    assert calls == {name: [] for name in NAMES}
+
+
+def test_the_solutions_answers_pass():
+    """The code between BEGIN and END SOLUTION, run on the course model's shapes (exercise 2 on the predicted
+    breakdown of the k = 1 baseline the notebook measures, within 0.01 % of it there)."""
+    regions = [text for _, text in solution_regions(notebook())]
+    baseline = predict(COURSE, PEAK_RECIPE.but(batch_size=4, gradient_accumulation_steps=1))
+    n_adapter = COURSE.lora_params(16) * COURSE.layers
+    namespace = {"dims": COURSE, "Recipe": Recipe, "predict": predict, "LENGTHS": list(LENGTHS),
+                 "budget_recipe": BUDGET_RECIPE, "BUDGET": BUDGET, "baseline": baseline, "n_adapter": n_adapter}
+    for text in regions:
+        exec(text, namespace)
+    contexts = {"num_items_in_batch": {"lengths": LENGTHS, "seq_len": SHORT},
+                "accumulation_peak": {"dims": COURSE, "recipe": PEAK_RECIPE},
+                "micro_batch_for_budget": {"dims": COURSE, "recipe": BUDGET_RECIPE, "effective_batch": EFFECTIVE_ROWS,
+                                           "budget": BUDGET}}
+    answers = {"num_items_in_batch": namespace["items"], "accumulation_peak": namespace["peak_k4"],
+               "micro_batch_for_budget": namespace["split_answer"]}
+    for name, answer in answers.items():
+        result = grade(name, answer, contexts[name])
+        assert result.status == PASS, (name, result.message)

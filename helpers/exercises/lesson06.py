@@ -1,31 +1,44 @@
-"""Lesson 06 — Mixed precision: fp16 and bf16."""
+"""Lesson 06 — Mixed precision: fp16 and bf16.
+
+Targets come from the lesson's fixed inputs: the course model's config (``course_dims``), the constants below
+and ``helpers.estimate.predict``; exercise 1 judges against the lesson's own measured largest gradient.
+"""
 
 from __future__ import annotations
 
 import math
 
-from ..checks import as_number, close, exercise, human_bytes, ratio_hint
+from ..checks import as_number, exercise, human_bytes, ratio_hint
 from ..estimate import Dims, Recipe, predict
 
 LESSON = "06_mixed_precision"
 FP16_MAX = 65504.0
 MAX_BATCH = 4096  # how far the crossover search looks
+SEQ_LEN = 128  # exercise 3: sequences of 128 tokens (the notebook's sweep and its exercise text)
+
+
+def _course_context() -> dict:
+    from ..capstone import course_dims
+
+    return {"dims": course_dims()}
+
+
+def _whole(value: float) -> int | None:
+    return int(value) if float(value).is_integer() else None
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 1: the 16-bit weight copies autocast keeps for backward
+# Exercise 2: the 16-bit weight copies autocast keeps for backward
 # ------------------------------------------------------------------------------------------------
-@exercise("autocast_copy_bytes", lesson=LESSON)
-def autocast_copy_bytes(answer, dims=None):
+@exercise("autocast_copy_bytes", lesson=LESSON, context=_course_context)
+def autocast_copy_bytes(answer, dims):
     """Bytes of the bf16 weight copies a forward under autocast leaves in the graph (every linear layer's
-    weight, and the lm_head's)."""
-    if dims is None:
-        return False, "run the cells above first: the check needs the model's shapes (pass dims=dims)."
+    weight, and the lm_head's). Exact: the answer is a product of whole numbers."""
     d = Dims.of(dims)
     value = as_number(answer, "a number of bytes")
     blocks = d.layers * d.block_linear_params
     want = 2 * (blocks + d.embedding_params)
-    if close(value, want, 1e-6):
+    if abs(value - want) < 0.5:  # a whole number of bytes; float arithmetic may leave a fraction
         return True, (f"{want:,} bytes ({human_bytes(want)}): 2 bytes for each of the {blocks:,} weights of the "
                       f"blocks' linear layers and the {d.embedding_params:,} of the lm_head. The fp32 weights stay "
                       "too: mixed precision adds this copy, it does not replace anything.")
@@ -36,43 +49,50 @@ def autocast_copy_bytes(answer, dims=None):
                         (4 * (blocks + d.embedding_params), "that is the fp32 size; the copies are 16-bit, 2 bytes "
                                                             "a weight."),
                         (2 * (blocks + 2 * d.embedding_params), "the embedding lookup runs in fp32; only the lm_head "
-                                                                "is a matmul autocast casts.")):
-        if wrong != want and close(value, wrong, 1e-4):
+                                                                "is a matmul autocast casts."),
+                        (2 * ((d.layers - 1) * d.block_linear_params + d.embedding_params),
+                         f"one block short: all {d.layers} blocks (dims.layers) cast their seven linear layers.")):
+        if wrong != want and abs(value - wrong) < 0.5:
             return False, f"you said {value:,.0f}: {hint}"
     hint = ratio_hint(value, want, {1 / 8: "that looks like bits of something, or bytes / 8: give bytes.",
-                                    1 / 2: "half of it: 2 bytes per weight, not 1."}, rel=0.01)
+                                    1 / 2: "half of it: 2 bytes per weight, not 1.",
+                                    8: "that looks like bits: give bytes.",
+                                    2**-20: "that looks like MiB: give bytes.",
+                                    1e-6: "that looks like MB: give bytes."}, rel=0.01)
     advice = ("count the weights of every linear layer (seven per block, dims.block_linear_params, and the lm_head: "
               "vocab x hidden) at 2 bytes.")
     return False, f"you said {value:,.0f}. " + (hint or advice)
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 2: the largest loss scale that does not overflow
+# Exercise 1: the largest loss scale that does not overflow
 # ------------------------------------------------------------------------------------------------
 def largest_safe_scale(largest_gradient: float) -> float:
     """The largest power of two S with largest_gradient x S <= 65504 (what GradScaler's halving finds)."""
     return 2.0 ** math.floor(math.log2(FP16_MAX / largest_gradient))
 
 
-@exercise("largest_loss_scale", lesson=LESSON)
-def largest_loss_scale(answer, largest_gradient=None):
-    """The largest power-of-two loss scale that keeps ``largest_gradient`` finite in fp16."""
-    if largest_gradient is None:
-        return False, "run the cells above first: pass largest_gradient=largest_gradient."
+@exercise("largest_loss_scale", lesson=LESSON, measured=("largest_gradient",))
+def largest_loss_scale(answer, largest_gradient):
+    """The largest power-of-two loss scale that keeps the lesson's measured ``largest_gradient`` finite in fp16.
+    Exact: a power of two."""
+    g = as_number(largest_gradient, "the measured largest gradient (a number)")
+    if not g > 0:
+        return False, "the measured largest_gradient must be a positive number: rerun the cell that measures it."
     value = as_number(answer, "a loss scale (a number such as 1024.0)")
-    want = largest_safe_scale(largest_gradient)
-    if close(value, want, 1e-9):
-        return True, (f"{want:g} = 2^{int(math.log2(want))}: {largest_gradient:.4g} x {want:g} = "
-                      f"{largest_gradient * want:,.0f} <= 65,504, and twice that would overflow.")
+    want = largest_safe_scale(g)
+    if value == want:
+        return True, (f"{want:g} = 2^{int(math.log2(want))}: {g:.4g} x {want:g} = "
+                      f"{g * want:,.0f} <= 65,504, and twice that would overflow.")
     if value <= 0:
         return False, f"you said {value:g}: a loss scale multiplies the loss, so it is a positive number."
     exponent = math.log2(want)
-    if close(value, exponent, 1e-9):
+    if value == exponent:
         return False, f"you gave the exponent {value:g}; give the scale itself, 2 ** {value:g}."
-    if value * largest_gradient > FP16_MAX:
-        return False, (f"you said {value:g}: {largest_gradient:.4g} x {value:g} = {largest_gradient * value:,.0f} is "
-                       "above fp16's largest value, 65,504 — that gradient would become inf (the step is skipped).")
-    if not float(value).is_integer() or math.log2(value) % 1:
+    if value * g > FP16_MAX:
+        return False, (f"you said {value:g}: {g:.4g} x {value:g} = {g * value:,.0f} is above fp16's largest value, "
+                       "65,504 — that gradient would become inf (the step is skipped).")
+    if math.log2(value) % 1:
         return False, (f"you said {value:g}: GradScaler only uses powers of two (multiplying by one is exact in "
                        "floating point); round 65,504 / largest_gradient down to a power of two.")
     return False, (f"you said {value:g}: that is safe, but not the largest — {2 * value:g} is safe too. The larger "
@@ -91,24 +111,24 @@ def autocast_crossover(dims, seq_len: int, recipe: Recipe = Recipe()) -> int | N
     return None
 
 
-@exercise("autocast_pays_from_batch", lesson=LESSON)
-def autocast_pays_from_batch(answer, dims=None, seq_len: int = 128):
+@exercise("autocast_pays_from_batch", lesson=LESSON, context=lambda: {**_course_context(), "seq_len": SEQ_LEN})
+def autocast_pays_from_batch(answer, dims, seq_len: int):
     """The smallest batch size (sequences of ``seq_len``) at which autocast bf16's predicted peak is below fp32's."""
-    if dims is None:
-        return False, "run the cells above first: the check needs the model's shapes (pass dims=dims)."
     d = Dims.of(dims)
     want = autocast_crossover(d, seq_len)
     if want is None:
         return False, "for these shapes autocast never lowers the predicted peak; tell your instructor."
     value = as_number(answer, "a batch size (a whole number)")
-    if value != int(value) or value < 1:
+    b = _whole(value)
+    if b is None or b < 1:
         return False, f"you said {value:g}: a batch size is a whole number of sequences, at least 1."
-    b = int(value)
 
     def peaks(batch):
         r = Recipe(batch_size=batch, seq_len=seq_len)
         return predict(d, r).peak, predict(d, r.but(autocast="bf16")).peak
 
+    if b > MAX_BATCH:
+        return False, f"you said {b:,}: autocast is lower well before that; find the smallest batch size."
     fp32, amp = peaks(b)
     if b == want:
         return True, (f"batch {b}: fp32 {fp32 / 2**20:,.0f} MiB, autocast {amp / 2**20:,.0f} MiB. Below it, the 16-bit "
@@ -117,5 +137,5 @@ def autocast_pays_from_batch(answer, dims=None, seq_len: int = 128):
         return False, (f"at batch {b} autocast is already lower ({amp / 2**20:,.0f} vs {fp32 / 2**20:,.0f} MiB), but "
                        "it is lower at a smaller batch too: find the smallest.")
     return False, (f"at batch {b} autocast's predicted peak is {amp / 2**20:,.0f} MiB against fp32's "
-                   f"{fp32 / 2**20:,.0f}: not lower yet. Compare predict(dims, Recipe(batch_size=b, seq_len=...)) "
-                   "with and without autocast='bf16' for growing b.")
+                   f"{fp32 / 2**20:,.0f}: not lower yet. Compare predict(dims, Recipe(batch_size=b, "
+                   f"seq_len={seq_len})) with and without autocast='bf16' for growing b.")
