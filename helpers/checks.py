@@ -323,7 +323,6 @@ def as_number(answer, what: str = "a number") -> float:
 
 def as_config(data, cls):
     """Rebuild a configuration object (``LoraConfig``, ``BitsAndBytesConfig``) from its plain fields."""
-    import dataclasses
     import inspect
 
     name = cls.__name__
@@ -331,11 +330,8 @@ def as_config(data, cls):
         got = data.get("__class__", "dict") if isinstance(data, dict) else type(data).__name__
         raise AnswerError(f"build a `{name}(...)` (you gave a {got}).")
     fields = {k: v for k, v in data.items() if k != "__class__"}
-    if dataclasses.is_dataclass(cls):
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-    else:
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-        known |= {"bnb_4bit_quant_storage"} & set(fields)
+    # The constructor's own parameters (BitsAndBytesConfig is a dataclass with one field, so not its fields).
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     return cls(**{k: v for k, v in fields.items() if k in known})
 
 

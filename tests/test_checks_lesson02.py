@@ -1,16 +1,45 @@
-"""Lesson 02's exercise checks: the right answer passes, blanks are "not attempted", wrong ones get hints."""
+"""Lesson 02's exercise checks: the right answer passes, blanks are "not attempted", wrong ones get hints, and
+wrong or cheating answers (functions that tamper, lie, crash or only work for one size) never get points."""
 
+import re
+import sys
+from pathlib import Path
+
+import nbformat
 import pytest
-from casebook import COURSE
+import torch
+from casebook import COURSE, grade, registered
 
-import helpers.exercises  # noqa: F401  (registers the checks, whichever test runs first)
-from helpers.checks import EXERCISES, FAIL, PASS, SKIP, check, run_check
-from helpers.estimate import Dims
+from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
+from helpers.estimate import Dims, Recipe, trainable_tensors
+from helpers.exercises import lesson02
 from helpers.models import tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
+SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "02_freezing_parameters.ipynb"
 
 
+def test_every_registered_exercise_has_a_test():
+    assert registered("02") == {"freeze_all_but_last", "optimizer_state_bytes_k", "count_trainable"}
+
+
+CTX = {"dims": COURSE, "k": 6}
+
+
+@pytest.mark.parametrize("name", ["freeze_all_but_last", "optimizer_state_bytes_k", "count_trainable"])
+def test_blanks_are_not_attempted(name):
+    code = EXERCISES[name].probe is not None  # for a function, only the stub's None is blank
+    for blank in (None, ...) if code else (None, ..., "", (None, None)):
+        assert grade(name, blank, CTX if EXERCISES[name].context else None).status == SKIP
+
+
+def assert_fails(name, answer, word=None, context=CTX):
+    result = grade(name, answer, context if EXERCISES[name].context else None)
+    label = getattr(answer, "__name__", answer)
+    assert result.status == FAIL and result.points == 0, (label, result.message)
+    if word:
+        assert word.lower() in result.message.lower(), (label, result.message)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -22,6 +51,14 @@ def right_freeze(model, k):
     for block in layers[len(layers) - k:]:
         block.requires_grad_(True)
     model.model.norm.requires_grad_(True)
+
+
+def freeze_by_names(model, k):  # another honest way: by parameter names
+    n = model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        in_last = "layers" in parts and int(parts[parts.index("layers") + 1]) >= n - k
+        p.requires_grad = in_last or name.startswith("model.norm.")
 
 
 def freezes_nothing(model, k):
@@ -90,11 +127,226 @@ FREEZE_WRONG = [(freezes_nothing, "nothing is frozen"), (freezes_everything, "no
                 (crashes, "keyerror"), (does_not_reset, "twice"), (3, "function itself")]
 
 
+# Cheats and functions that only look right
+def deletes_blocks(model, k):  # the lower blocks are gone instead of frozen: what trains "looks" right
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(list(layers)[len(layers) - k:])
+    model.requires_grad_(False)
+    for block in model.model.layers:
+        block.requires_grad_(True)
+    model.model.norm.requires_grad_(True)
+
+
+def replaces_frozen_blocks(model, k):  # frozen blocks swapped for fresh (re-initialised) ones of the same shape
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    right_freeze(model, k)
+    layers = model.model.layers
+    for i in range(len(layers) - k):
+        layers[i] = LlamaDecoderLayer(model.config, i).requires_grad_(False)
+
+
+def zeroes_frozen_weights(model, k):
+    right_freeze(model, k)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.zero_()
+
+
+def unties_embedding(model, k):  # a frozen copy of the embedding: lm_head no longer shares it
+    right_freeze(model, k)
+    model.model.embed_tokens.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+
+
+def only_five_blocks(model, k):  # hard-coded for the 5-block test model
+    model.requires_grad_(False)
+    for i in range(5 - k, 5):
+        model.model.layers[i].requires_grad_(True)
+    model.model.norm.requires_grad_(True)
+
+
+def only_small_k(model, k):  # right for k < 3 only
+    right_freeze(model, min(k, 2))
+
+
+def system_exit(model, k):
+    raise SystemExit(0)
+
+
+def keyboard_interrupt(model, k):
+    raise KeyboardInterrupt
+
+
+def returns_a_liar(model, k):  # does nothing, returns an object that claims to be anything
+    class Liar:
+        def __eq__(self, other):
+            return True
+
+        def __bool__(self):
+            return True
+    return Liar()
+
+
+def reads_frames(model, k):  # hunts the caller's frames for a reference set and applies it
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, set) and value and all(isinstance(v, str) for v in value):
+                for name, p in model.named_parameters():
+                    p.requires_grad = name in value
+                return
+        frame = frame.f_back
+    freezes_nothing(model, k)
+
+
+def patches_requires_grad_reporting(model, k):  # makes every tensor report requires_grad as the check wants
+    model.requires_grad_(True)
+    original = torch.nn.Module.named_parameters
+
+    def lying(self, *args, **kwargs):
+        for name, p in original(self, *args, **kwargs):
+            yield name, p.detach().requires_grad_(_wanted(name, len(model.model.layers), k))
+    torch.nn.Module.named_parameters = lying
+    _PATCHED.append(original)
+
+
+def _wanted(name, n, k):
+    parts = name.split(".")
+    return ("layers" in parts and int(parts[parts.index("layers") + 1]) >= n - k) or name.startswith("model.norm.")
+
+
+_PATCHED = []
+
+
+def replaces_norm(model, k):  # a new final norm (fresh weights of ones) instead of unfreezing the real one
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    right_freeze(model, k)
+    model.model.norm = LlamaRMSNorm(model.config.hidden_size)
+
+
+FREEZE_CHEATS = [(deletes_blocks, "delete"), (replaces_frozen_blocks, None), (zeroes_frozen_weights, "values"),
+                 (unties_embedding, None), (only_five_blocks, "3-block"), (only_small_k, None),
+                 (system_exit, "SystemExit"), (keyboard_interrupt, "KeyboardInterrupt"), (returns_a_liar, None),
+                 (reads_frames, None), (replaces_norm, None)]
+
+
+def test_freeze_all_but_last():
+    result = grade("freeze_all_but_last", right_freeze, CTX)
+    assert result.status == PASS, result.message
+    assert "k=6 trains 21,241,152" in result.message  # what it does on the course model
+    assert grade("freeze_all_but_last", freeze_by_names, CTX).status == PASS
+    for answer, word in FREEZE_WRONG:
+        assert_fails("freeze_all_but_last", answer, word)
+
+
+@pytest.mark.parametrize("cheat,word", FREEZE_CHEATS, ids=lambda f: getattr(f, "__name__", str(f)))
+def test_freeze_all_but_last_red_team(cheat, word):
+    assert_fails("freeze_all_but_last", cheat, word)
+
+
+def test_freeze_reads_parameters_past_a_patched_named_parameters():
+    try:
+        assert_fails("freeze_all_but_last", patches_requires_grad_reporting)
+    finally:
+        while _PATCHED:
+            torch.nn.Module.named_parameters = _PATCHED.pop()
+
+
+def test_freeze_check_runs_only_on_its_own_models():
+    """run_check takes no model from the notebook, and the probe builds a fresh model for every trial."""
+    lesson_model = tiny_model()
+    result = run_check("freeze_all_but_last", freezes_everything, model=lesson_model, k=1)
+    assert result.status == FAIL and "takes no" in result.message
+    assert all(p.requires_grad for p in lesson_model.parameters())
+    seen = []
+    lesson02.probe_freeze(lambda model, k: seen.append(id(model)))
+    assert len(seen) == sum(len(ks) for _, ks in lesson02.FREEZE_TRIALS)
+    assert {lay for lay, _ in lesson02.FREEZE_TRIALS} == {3, 5}
+
+
+def test_freeze_probe_data_is_small_and_plain():
+    import json
+
+    data = lesson02.probe_freeze(right_freeze)
+    assert len(json.dumps(data)) < 1_000_000
+    assert [t["error"] for t in data] == [None] * len(lesson02.FREEZE_TRIALS)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer_state_bytes_k
+# ------------------------------------------------------------------------------------------------
+def optimizer_cases(d: Dims, k: int):
+    trainable = k * d.block_params + d.hidden
+    target = 8 * trainable
+    wrong = [(4 * trainable, "one fp32 moment"), (12 * trainable, "gradients"), (trainable, "number of trainable"),
+             (8 * ((k + 1) * d.block_params + d.hidden), f"{k + 1} blocks"),
+             (8 * ((k - 1) * d.block_params + d.hidden), f"{k - 1} blocks"),
+             (8 * d.params, "every parameter"), (target / 2**20, "MiB"), ("lots", "number"),
+             (8 * k * d.block_params, "final norm")]
+    if d is COURSE and k == 6:  # the tied embedding: where its ratio is not another mistake's (k=8: 2x)
+        wrong.append((8 * (trainable + d.embedding_params), "embedding"))
+    return target, {"dims": d, "k": k}, wrong
+
+
+@pytest.mark.parametrize("d,k", [(COURSE, 6), (COURSE, 8), (Dims.of(tiny_config(num_hidden_layers=6)), 3)])
+def test_optimizer_state_bytes_k(d, k):
+    target, context, wrong = optimizer_cases(d, k)
+    assert grade("optimizer_state_bytes_k", target, context).status == PASS
+    step_counters = 4 * trainable_tensors(d, Recipe(trainable_blocks=k))  # Adam's per-tensor step counters
+    assert step_counters == 4 * (9 * k + 1)
+    assert grade("optimizer_state_bytes_k", target + step_counters, context).status == PASS
+    for answer, word in wrong:
+        assert_fails("optimizer_state_bytes_k", answer, word, context)
+
+
+@pytest.mark.parametrize("d,k", [(COURSE, 6), (Dims.of(tiny_config(num_hidden_layers=6)), 3)])
+def test_optimizer_state_bytes_k_red_team(d, k):
+    class LyingFloat(float):
+        def __float__(self):
+            return 8.0 * (k * d.block_params + d.hidden)
+
+    target, context, _ = optimizer_cases(d, k)
+    wrong = [target - 8 * d.hidden, target * 1.005, target * 0.995, target + 8 * 1000, target * 2**20 / 1e6,
+             float(f"{target:.4g}"), 8 * (k * d.block_params + 2 * d.hidden),
+             8 * (k * d.block_linear_params + d.hidden),
+             LyingFloat(1.0), str(target), [target], {"k": target}, True]
+    for answer in wrong:
+        assert_fails("optimizer_state_bytes_k", answer, context=context)
+
+
+def test_K_is_one_constant_shared_with_the_notebook():
+    nb = nbformat.read(SOLUTION, 4)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    literals = re.findall(r"^K = (\d+)", source, flags=re.M)
+    assert literals == [str(lesson02.K)]
+
+
+@pytest.mark.slow
+def test_trusted_context_is_the_course_config():
+    assert EXERCISES["optimizer_state_bytes_k"].trusted_context() == {"dims": COURSE, "k": lesson02.K}
+    assert grade("optimizer_state_bytes_k", 8 * (6 * COURSE.block_params + COURSE.hidden)).status == PASS
+    result = run_check("optimizer_state_bytes_k", 8 * (4 * COURSE.block_params + COURSE.hidden), k=4)
+    assert result.status == FAIL and "takes no k" in result.message  # the notebook cannot move the target
+
+
+def test_solution_check_calls_pass_no_learner_values():
+    nb = nbformat.read(SOLUTION, 4)
+    calls = [c.source for c in nb.cells if c.cell_type == "code" and c.source.lstrip().startswith("check(")]
+    assert calls == ['check("freeze_all_but_last", freeze_all_but_last)',
+                     'check("optimizer_state_bytes_k", state_bytes_K)', 'check("count_trainable", count_trainable)']
+
+
 # ------------------------------------------------------------------------------------------------
 # count_trainable
 # ------------------------------------------------------------------------------------------------
 def right_count(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def transformers_count(model):
+    return model.num_parameters(only_trainable=True)
 
 
 def buggy_count(model):  # the lesson's bug: no .grad before backward (or after zero_grad(set_to_none=True))
@@ -122,67 +374,86 @@ COUNT_WRONG = [(buggy_count, ".grad"), (inverted_count, "inverted"), (all_count,
                (lambda m: "many", "count of parameters"), (right_count(tiny_model()), "function itself")]
 
 
-def optimizer_cases(d: Dims, k: int):
-    trainable = k * d.block_params + d.hidden
-    target = 8 * trainable
-    context = {"k": k, "block_params": d.block_params, "hidden": d.hidden,
-               "embedding_params": d.embedding_params, "n_params": d.params}
-    wrong = [(4 * trainable, "one fp32 moment"), (12 * trainable, "gradients"), (trainable, "number of trainable"),
-             (8 * ((k + 1) * d.block_params + d.hidden), f"{k + 1} blocks"),
-             (8 * ((k - 1) * d.block_params + d.hidden), f"{k - 1} blocks"),
-             (8 * d.params, "every parameter"), (target / 2**20, "MiB"), ("lots", "number")]
-    if d is COURSE and k == 6:  # the tied embedding: where its ratio is not another mistake's (k=8: 2x)
-        wrong.append((8 * (trainable + d.embedding_params), "embedding"))
-    return target, context, wrong
+def only_fresh_five_block(model):  # hard-coded: the fresh 5-block model's total
+    return sum(p.numel() for p in tiny_model(num_hidden_layers=5).parameters())
 
 
-def test_every_registered_exercise_has_a_test():
-    check("count_trainable", None)  # loads the registry
-    names = {n for n, e in EXERCISES.items() if e.lesson.startswith("02")}
-    assert names == {"freeze_all_but_last", "optimizer_state_bytes_k", "count_trainable"}
+def counts_after_unfreezing(model):  # tampers: unfreezes everything, then counts what it left
+    model.requires_grad_(True)
+    return right_count(model)
 
 
-@pytest.mark.parametrize("name", ["freeze_all_but_last", "optimizer_state_bytes_k", "count_trainable"])
-def test_blanks_are_not_attempted(name):
-    for blank in (None, ..., "", (None, None)):
-        assert run_check(name, blank).status == SKIP
+def counts_then_freezes(model):  # right number, but freezes the model it was asked to count
+    n = right_count(model)
+    model.requires_grad_(False)
+    return n
 
 
-def test_freeze_all_but_last():
-    result = run_check("freeze_all_but_last", right_freeze, model=tiny_model(), k=2)
-    assert result.status == PASS, result.message
-    assert "k=2 trains" in result.message  # says what it does on the lesson's model
-    assert run_check("freeze_all_but_last", right_freeze).status == PASS  # context is optional
-    for answer, word in FREEZE_WRONG:
-        result = run_check("freeze_all_but_last", answer, k=2)
-        assert result.status == FAIL, getattr(answer, "__name__", answer)
-        assert word.lower() in result.message.lower(), (getattr(answer, "__name__", answer), result.message)
-        assert result.points == 0
+def counts_once(model):  # right the first time, then remembers a stale answer
+    if not hasattr(model, "_count"):
+        model._count = right_count(model)
+        return model._count
+    return model._count + 1
 
 
-def test_freeze_check_never_touches_the_lessons_model():
-    lesson_model = tiny_model()
-    run_check("freeze_all_but_last", freezes_everything, model=lesson_model, k=1)
-    assert all(p.requires_grad for p in lesson_model.parameters())
+def lying_int(model):
+    class Liar(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+    return Liar(7)
 
 
-@pytest.mark.parametrize("d,k", [(COURSE, 6), (COURSE, 8), (Dims.of(tiny_config(num_hidden_layers=6)), 3)])
-def test_optimizer_state_bytes_k(d, k):
-    target, context, wrong = optimizer_cases(d, k)
-    assert run_check("optimizer_state_bytes_k", target, **context).status == PASS
-    step_counters = 4 * (9 * k + 1)  # Adam's per-tensor step counters: inside the tolerance
-    assert run_check("optimizer_state_bytes_k", target + step_counters, **context).status == PASS
-    for answer, word in wrong:
-        result = run_check("optimizer_state_bytes_k", answer, **context)
-        assert result.status == FAIL, answer
-        assert word.lower() in result.message.lower(), (answer, result.message)
-    assert "run the cells above" in run_check("optimizer_state_bytes_k", target).message
+def lying_object(model):
+    class Liar:
+        def __eq__(self, other):
+            return True
+
+        def __int__(self):
+            return 0
+    return Liar()
+
+
+def count_tensor(model):  # a one-element tensor is a number: accepted (see the test below)
+    return torch.tensor(right_count(model))
+
+
+def frame_reader(model):  # takes the first large int it finds in the callers' frames
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if type(value) is int and value > 1000:
+                return value
+        frame = frame.f_back
+    return 0
+
+
+def backward_then_grad(model):  # runs a backward itself so that `.grad` exists, then counts gradients
+    ids = torch.arange(8).reshape(1, 8) % model.config.vocab_size
+    if any(p.requires_grad for p in model.parameters()):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(p.numel() for p in model.parameters() if p.grad is not None)
+
+
+def exits(model):
+    raise SystemExit(3)
+
+
+COUNT_CHEATS = [(only_fresh_five_block, None), (counts_after_unfreezing, "never sets it"),
+                (counts_then_freezes, "never sets it"), (counts_once, None), (lying_int, None), (lying_object, "int"),
+                (frame_reader, None), (backward_then_grad, "gradients"), (exits, "SystemExit")]
 
 
 def test_count_trainable():
-    result = run_check("count_trainable", right_count)
+    result = grade("count_trainable", right_count)
     assert result.status == PASS, result.message
+    for honest in (transformers_count, count_tensor, lambda m: float(right_count(m))):
+        assert grade("count_trainable", honest).status == PASS
     for answer, word in COUNT_WRONG:
-        result = run_check("count_trainable", answer)
-        assert result.status == FAIL, answer
-        assert word.lower() in result.message.lower(), (answer, result.message)
+        assert_fails("count_trainable", answer, word)
+
+
+@pytest.mark.parametrize("cheat,word", COUNT_CHEATS, ids=lambda f: getattr(f, "__name__", str(f)))
+def test_count_trainable_red_team(cheat, word):
+    assert_fails("count_trainable", cheat, word)

@@ -1,84 +1,231 @@
-"""Lesson 01 — loading in 8-bit and 4-bit."""
+"""Lesson 01 — loading in 8-bit and 4-bit.
+
+Targets come from the course model's config (never from the learner's variables); the one exception is
+exercise 3, which judges against the lesson's own measured table (``measured=("results",)``).
+"""
 
 from __future__ import annotations
 
-from ..checks import as_number, exercise, human_bytes, ratio_hint
+import inspect
+
+from ..checks import AnswerError, as_number, exercise, human_bytes, ratio_hint
 
 LESSON = "01_loading_in_8bit_and_4bit"
+WITHIN = 0.05  # exercise 3: perplexity at most 5 % above fp32's
 
 
-@exercise("qlora_quantization_config", lesson=LESSON)
-def qlora_quantization_config(answer):
-    """A BitsAndBytesConfig for NF4 weights, double quantization and bf16 compute."""
-    import torch
+def _course_config():
+    from transformers import AutoConfig
+
+    from ..models import resolve
+
+    return AutoConfig.from_pretrained(resolve())
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise 1: the QLoRA quantization config, judged by what it would quantize
+# ------------------------------------------------------------------------------------------------
+def bnb_config(data):
+    """Rebuild a ``BitsAndBytesConfig`` from its plain fields (only the constructor's own arguments)."""
     from transformers import BitsAndBytesConfig
 
-    if not isinstance(answer, BitsAndBytesConfig):
-        return False, f"build a `BitsAndBytesConfig(...)` (you gave a {type(answer).__name__})."
-    if getattr(answer, "load_in_8bit", False):
+    if not isinstance(data, dict) or data.get("__class__") != "BitsAndBytesConfig":
+        got = data.get("__class__", "dict") if isinstance(data, dict) else type(data).__name__
+        raise AnswerError(f"build a `BitsAndBytesConfig(...)` from transformers (you gave a {got}).")
+    known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    try:
+        return BitsAndBytesConfig(**{k: v for k, v in data.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise AnswerError(f"transformers rejects that config: {err}") from None
+
+
+def quantized_layout(config, quantization) -> dict[str, dict]:
+    """What loading ``config``'s model with ``quantization`` on the CPU (``device_map="cpu"``, as the course
+    does) turns into bitsandbytes layers: {module name: {"kind", "quant_type", "double_quant", "compute_dtype",
+    "quant_storage"}}. transformers' own code decides (its skip list, then ``replace_with_bnb_linear``) on a
+    meta-device model: no weights, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if quantization.quantization_method() is None:  # neither 8- nor 4-bit: nothing is replaced
+        return {}
+    skip = HfQuantizer.get_modules_to_not_convert(model, quantization.llm_int8_skip_modules,
+                                                  model._keep_in_fp32_modules)
+    if quantization.llm_int8_enable_fp32_cpu_offload:
+        skip.append("")  # device_map={"": "cpu"}: every module is "on the CPU", kept in fp32
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantization)
+    out = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind == "Linear4bit":
+            out[name] = {"kind": "4-bit", "quant_type": module.weight.quant_type,
+                         "double_quant": bool(module.weight.compress_statistics),
+                         "compute_dtype": str(module.compute_dtype).removeprefix("torch."),
+                         "quant_storage": str(module.weight.quant_storage).removeprefix("torch.")}
+        elif kind == "Linear8bitLt":
+            out[name] = {"kind": "8-bit"}
+    return out
+
+
+def _block_linears(config) -> set[str]:
+    from ..estimate import LINEAR_NAMES, Dims
+
+    d = Dims.of(config)
+    return {f"model.layers.{i}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{n}"
+            for i in range(d.layers) for n in LINEAR_NAMES}
+
+
+@exercise("qlora_quantization_config", lesson=LESSON, context=lambda: {"config": _course_config()})
+def qlora_quantization_config(data, config):
+    """A BitsAndBytesConfig for NF4 weights, double quantization and bf16 compute, judged by what it would do
+    to the course model: every linear layer inside the blocks in 4-bit NF4 with those settings, nothing else."""
+    quantization = bnb_config(data)
+    layout = quantized_layout(config, quantization)
+    if any(v["kind"] == "8-bit" for v in layout.values()):
         return False, "that config loads 8-bit weights (LLM.int8); the exercise asks for 4-bit: load_in_4bit=True."
-    if not answer.load_in_4bit:
+    if not quantization.load_in_4bit:
         return False, "the weights are not loaded in 4 bit: set load_in_4bit=True."
-    if answer.bnb_4bit_quant_type != "nf4":
-        return False, (f"bnb_4bit_quant_type is {answer.bnb_4bit_quant_type!r}: NF4 ('nf4') places its 16 levels "
+    want = _block_linears(config)
+    got = set(layout)
+    if quantization.llm_int8_enable_fp32_cpu_offload and not got:
+        return False, ("llm_int8_enable_fp32_cpu_offload=True keeps every module placed on the CPU in fp32: "
+                       "loaded on the CPU as in this course, nothing would be quantized. Leave it out.")
+    missing, extra = sorted(want - got), sorted(got - want)
+    if missing:
+        return False, (f"{len(missing)} of the {len(want)} linear layers inside the blocks would stay unquantized "
+                       f"(e.g. {missing[0]}): llm_int8_skip_modules keeps every module it matches out of 4 bit. "
+                       "QLoRA quantizes all of them: leave llm_int8_skip_modules out.")
+    if extra:
+        return False, (f"{extra[0]} would be quantized too: a llm_int8_skip_modules list replaces transformers' "
+                       "default skip list, which keeps the lm_head (tied to the embedding here) out of 4 bit. Leave "
+                       "it out.")
+    settings = layout[min(want)]
+    if any(v != settings for v in layout.values()):  # one BitsAndBytesConfig gives every layer the same settings
+        return False, "the quantized layers do not share one setting: build one plain BitsAndBytesConfig(...)."
+    if settings["quant_type"] != "nf4":
+        return False, (f"bnb_4bit_quant_type is {settings['quant_type']!r}: NF4 ('nf4') places its 16 levels "
                        "where normally distributed weights are dense; fp4 is the other 4-bit format.")
-    if not answer.bnb_4bit_use_double_quant:
+    if not settings["double_quant"]:
         return False, "double quantization is off: bnb_4bit_use_double_quant=True also quantizes the absmax constants."
-    if answer.bnb_4bit_compute_dtype != torch.bfloat16:
-        return False, (f"the compute dtype is {answer.bnb_4bit_compute_dtype}: the matmuls should run in bf16 "
+    if settings["compute_dtype"] != "bfloat16":
+        return False, (f"the compute dtype is {settings['compute_dtype']}: the matmuls should run in bf16 "
                        "(bnb_4bit_compute_dtype=torch.bfloat16).")
-    return True, "NF4 storage, double-quantized constants, bf16 matmuls: the QLoRA recipe's quantization."
+    if settings["quant_storage"] != "uint8":
+        return False, (f"bnb_4bit_quant_storage={settings['quant_storage']} packs the 4-bit codes into another "
+                       "dtype (FSDP needs that, this lesson does not): leave it at its default, uint8.")
+    return True, (f"all {len(want)} linear layers inside the blocks in NF4 with double-quantized constants and bf16 "
+                  "matmuls, the embedding (= lm_head) and norms left as loaded: the QLoRA recipe's quantization.")
 
 
-@exercise("nf4_footprint", lesson=LESSON)
-def nf4_footprint(answer, quantized_params: int | None = None, other_params: int | None = None,
-                  linear_layers: int | None = None, measured: int | None = None):
-    """Predict the nf4 footprint (no double quantization, unquantized modules in fp32)."""
-    if None in (quantized_params, other_params, linear_layers):
-        return False, "run the cells above first: the check needs quantized_params, other_params and linear_layers."
-    value = as_number(answer, "a number of bytes")
-    codes = quantized_params / 2
-    absmax = quantized_params / 64 * 4
-    tables = linear_layers * 16 * 4
-    target = codes + absmax + tables + other_params * 4
-    if abs(value / target - 1) <= 0.02:
-        tail = f" Measured: {human_bytes(measured)}." if measured else ""
-        return True, (f"{human_bytes(value)}: half a byte per quantized weight, 4/64 byte of absmax, "
-                      f"the rest in fp32.{tail}")
-    hint = ratio_hint(value, target, {
-        (codes + other_params * 4) / target: "add the quantization constants: one fp32 absmax per 64 weights.",
-        (codes + absmax + tables + other_params * 2) / target: "bitsandbytes leaves the embedding and norms in the "
-                                                                "dtype you loaded (fp32 here: 4 bytes), not 16 bit.",
-        (quantized_params + other_params) * 0.5 / target: "only the linear layers inside the blocks are quantized; "
-                                                         "the embedding (= lm_head) and the norms are not.",
-        (codes + absmax + tables) / target: "the embedding (= lm_head) and the norms still take memory: "
-                                            "add them in fp32.",
+# ------------------------------------------------------------------------------------------------
+# Exercise 2: the nf4 footprint, predicted from the config
+# ------------------------------------------------------------------------------------------------
+def footprint_terms(dims) -> dict[str, int]:
+    """The parts of the plain-nf4 footprint of a model of shape ``dims`` (unquantized modules in fp32)."""
+    from ..estimate import LINEAR_NAMES, Dims
+
+    if not isinstance(dims, Dims):
+        raise TypeError("the context's dims must be a helpers.estimate.Dims")
+    quantized = dims.layers * dims.block_linear_params
+    return {"quantized_params": quantized, "other_params": dims.params - quantized,
+            "linear_layers": dims.layers * len(LINEAR_NAMES)}
+
+
+def _course_dims_context() -> dict:
+    from ..capstone import course_dims
+
+    return {"dims": course_dims()}
+
+
+@exercise("nf4_footprint", lesson=LESSON, context=_course_dims_context)
+def nf4_footprint(data, dims):
+    """Predict the nf4 footprint of the course model (no double quantization, unquantized modules in fp32)."""
+    from ..estimate import Recipe, rotary_buffer_bytes, weight_bytes
+
+    terms = footprint_terms(dims)
+    q, other, layers = terms["quantized_params"], terms["other_params"], terms["linear_layers"]
+    value = as_number(data, "a number of bytes")
+    codes, absmax, tables = q / 2, q / 64 * 4, layers * 16 * 4
+    target = codes + absmax + tables + other * 4
+    # Exact up to the rotary embedding's two small fp32 buffers (helpers.estimate.weight_bytes counts them) and a
+    # quarter of the smallest named part: the final norm (4 x hidden bytes; the code tables are more), so that
+    # forgetting the code tables or a norm fails.
+    tolerance = rotary_buffer_bytes(dims) + dims.hidden
+    if abs(value - target) <= tolerance:
+        return True, (f"{human_bytes(value)}: half a byte per quantized weight, 4 bytes of absmax per 64, a 16-entry "
+                      f"fp32 code table per layer, the rest ({other:,} parameters) in fp32. Compare the measured "
+                      "nf4 row of the table.")
+    everything = (q + other) * 0.5  # a slip: the whole model in 4 bit (with or without constants)
+    slips = [  # (hint, what the slip gives, how close counts as that slip)
+        ("the quantization constants are missing: one fp32 absmax per 64 weights.", codes + tables + other * 4, 0),
+        ("add the quantization constants: one fp32 absmax per 64 weights and each layer's code table.",
+         codes + other * 4, 0),
+        (f"add the code tables: each of the {layers} quantized layers keeps 16 fp32 levels (64 bytes).",
+         codes + absmax + other * 4, 0),
+        ("the absmax constants are fp32: 4 bytes per 64 weights.", codes + q / 64 * 2 + tables + other * 4, 0),
+        ("bitsandbytes leaves the embedding and norms in the dtype you loaded (fp32 here: 4 bytes), not 16 bit.",
+         codes + absmax + tables + other * 2, 0),
+        ("the embedding (= lm_head) and the norms still take memory: add them in fp32.", codes + absmax + tables, 0),
+        ("that is the double-quantized footprint; the exercise asks for plain nf4.",
+         weight_bytes(dims, Recipe(weights="nf4", double_quant=True, training=False)), 0),
+        ("only the linear layers inside the blocks are quantized; the embedding (= lm_head) and the norms are not.",
+         everything, 0.02),
+        ("only the linear layers inside the blocks are quantized; the embedding (= lm_head) and the norms are not.",
+         everything * (1 + 1 / 8), 0.02),
+    ]
+    hint = next((h for h, v, rel in slips if abs(value - v) <= max(tolerance, rel * v)), None)
+    hint = hint or ratio_hint(value, target, {
         2**-20: "that looks like MiB; the exercise asks for bytes.",
-    }, rel=0.02)
+        1e-6: "that looks like MB; the exercise asks for bytes.",
+        8.0: "that counts bits, not bytes.",
+        2**20 / 1e6: "that mixes MB and MiB: give the number of bytes itself."}, rel=0.002)
     return False, f"you said {human_bytes(value)}. " + (
-        hint or "count the 4-bit codes (half a byte per weight), absmax (4 bytes per 64), and the unquantized rest.")
+        hint or "count the 4-bit codes (half a byte per weight), absmax (4 bytes per 64), the code tables, "
+                "and the unquantized rest in fp32.")
 
 
-@exercise("smallest_within_5_percent", lesson=LESSON)
-def smallest_within_5_percent(answer, results: dict | None = None):
-    """The name of the smallest configuration whose perplexity is within 5 % of fp32's."""
-    if not results:
-        return False, "run the loading cell above first: the check reads `results` from it."
-    if not isinstance(answer, str):
+# ------------------------------------------------------------------------------------------------
+# Exercise 3: read the measured table
+# ------------------------------------------------------------------------------------------------
+def _measured_rows(results) -> dict[str, dict[str, float]]:
+    if not isinstance(results, dict) or "fp32" not in results:
+        raise AnswerError("the check needs the lesson's `results` (a dict of rows with 'bytes' and 'perplexity', "
+                          "fp32 among them): run the loading cell above and pass results=results.")
+    rows = {}
+    for name, row in results.items():
+        if not isinstance(row, dict):
+            raise AnswerError(f"results[{name!r}] is not a row of the table: pass the lesson's `results`.")
+        rows[name] = {"bytes": as_number(row.get("bytes"), f"results[{name!r}]['bytes']"),
+                      "perplexity": as_number(row.get("perplexity"), f"results[{name!r}]['perplexity']")}
+    return rows
+
+
+@exercise("smallest_within_5_percent", lesson=LESSON, measured=("results",))
+def smallest_within_5_percent(data, results):
+    """The name of the smallest configuration whose measured perplexity is within 5 % of fp32's."""
+    rows = _measured_rows(results)
+    if not isinstance(data, str):
         return False, ("answer with a configuration's name from the table, e.g. 'int8' "
-                       f"(you gave a {type(answer).__name__}).")
-    name = answer.strip()
-    if name not in results:
-        return False, f"{name!r} is not in the table; the names are: {', '.join(results)}."
-    base = results["fp32"]["perplexity"]
-    ok = {k: v for k, v in results.items() if v["perplexity"] <= 1.05 * base}
-    best = min(ok, key=lambda k: results[k]["bytes"])
-    chosen = results[name]
-    if name == best:
-        return True, (f"{name}: {human_bytes(chosen['bytes'])} at perplexity {chosen['perplexity']:.2f} "
+                       f"(you gave a {type(data).__name__}).")
+    said = " ".join(data.split())
+    if said not in rows:  # accept another case or spacing of a name in the table
+        said = next((n for n in rows if " ".join(n.split()).lower() == said.lower()), said)
+    if said not in rows:
+        return False, f"{data.strip()!r} is not in the table; the names are: {', '.join(rows)}."
+    base = rows["fp32"]["perplexity"]
+    limit = (1 + WITHIN) * base
+    ok = {k: v for k, v in rows.items() if v["perplexity"] <= limit}
+    best = min(ok, key=lambda k: ok[k]["bytes"])
+    chosen = rows[said]
+    if said == best:
+        return True, (f"{said}: {human_bytes(chosen['bytes'])} at perplexity {chosen['perplexity']:.2f} "
                       f"(fp32: {base:.2f}).")
-    if chosen["perplexity"] > 1.05 * base:
-        return False, (f"{name} has perplexity {chosen['perplexity']:.2f}, more than 5 % above fp32's {base:.2f}: "
+    if chosen["perplexity"] > limit:
+        return False, (f"{said} has perplexity {chosen['perplexity']:.2f}, more than 5 % above fp32's {base:.2f}: "
                        "it is out.")
-    return False, (f"{name} qualifies ({chosen['perplexity']:.2f}), but another qualifying configuration is "
+    return False, (f"{said} qualifies ({chosen['perplexity']:.2f}), but another qualifying configuration is "
                    "smaller: sort the qualifying rows by bytes.")

@@ -1,21 +1,106 @@
-"""Lesson 02 — freezing parameters."""
+"""Lesson 02 — freezing parameters.
+
+The two function exercises are judged by their effects: the probe calls the learner's function on fresh tiny
+models it builds (two depths, several k, twice on one model) and reports what the models look like afterwards;
+the judge builds the same models itself, computes what they should look like, and compares. Neither trusts
+what the learner's function returns about itself, nor any model the learner's code has touched.
+"""
 
 from __future__ import annotations
 
-from ..checks import as_number, close, exercise, human_bytes, ratio_hint
+import copy
+import functools
+
+import torch
+
+from ..checks import AnswerError, as_number, exercise, human_bytes, learner_call, plain, ratio_hint
 
 LESSON = "02_freezing_parameters"
-TINY_LAYERS = 5  # the fresh tiny model the function checks run on (never the lesson's model)
+K = 6  # "the last few blocks" in this lesson (the solution notebook's K must agree: tests/test_checks_lesson02.py)
+
+# Read through the C types' own accessors, captured before any learner code runs: a patched
+# ``Module.named_parameters`` or a ``requires_grad`` property on a subclass cannot change what the probe sees.
+_REQUIRES_GRAD = torch._C.TensorBase.requires_grad.__get__
+_GRAD = torch._C.TensorBase.grad.__get__
+_ABS = torch._C.TensorBase.abs
+_NUMEL = torch._C.TensorBase.numel
+_TO = torch._C.TensorBase.to
+_SUM = torch._C.TensorBase.sum
+_ITEM = torch._C.TensorBase.item
+_DETACH = torch._C.TensorBase.detach
+_GETATTR = object.__getattribute__
+_ITEMS = dict.items
+
+# freeze_all_but_last: (blocks of the fresh tiny model, the k of each call on that one model). The 5-block model
+# is called twice (k=3, then k=1): the second call must undo the first.
+FREEZE_TRIALS = ((5, (2,)), (5, (0,)), (5, (5,)), (5, (1,)), (3, (1,)), (3, (3,)), (3, (0,)), (5, (3, 1)),
+                 (3, (2, 0)))
 
 
-def _tiny(**overrides):
+def _tiny(layers: int):
+    """A fresh tiny course-shaped model, the same in every process. Its norms get seeded weights other than the
+    initial ones, so that a freshly built replacement module cannot pass for the original."""
     from ..models import tiny_model
 
-    return tiny_model(num_hidden_layers=TINY_LAYERS, **overrides)
+    model = tiny_model(seed=0, num_hidden_layers=layers)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    return model
 
 
-def _trainable_names(model) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
+def _walk(module, prefix: str = ""):
+    """(qualified name, module) for ``module`` and every submodule, read from the modules' own dicts."""
+    yield prefix, module
+    for name, child in _ITEMS(_GETATTR(module, "_modules")):
+        if child is not None:
+            yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _parameters(model):
+    """(name, parameter) once per tensor, as ``named_parameters()`` lists them, without calling its methods."""
+    seen = set()
+    for mod_name, module in _walk(model):
+        for name, p in _ITEMS(_GETATTR(module, "_parameters")):
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield (f"{mod_name}.{name}" if mod_name else name), p
+
+
+def model_effects(model) -> dict:
+    """Plain data about a model after the learner's code ran on it: its blocks, module types, trainable names,
+    and a checksum of every parameter (weights must not change)."""
+    params = list(_parameters(model))
+    try:
+        blocks = len(_GETATTR(_GETATTR(_GETATTR(model, "_modules")["model"], "_modules")["layers"], "_modules"))
+    except (KeyError, AttributeError, TypeError):
+        blocks = -1
+    return {"blocks": blocks,
+            "modules": {name or "(model)": type(m).__name__ for name, m in _walk(model)},
+            "trainable": sorted(name for name, p in params if _REQUIRES_GRAD(p)),
+            "checksums": {name: _ITEM(_SUM(_TO(_DETACH(p), torch.float64))) for name, p in params}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise 1: freeze_all_but_last(model, k)
+# ------------------------------------------------------------------------------------------------
+def probe_freeze(fn) -> list[dict]:
+    """Call ``fn(model, k)`` on fresh tiny models (3 and 5 blocks) for several k, once twice on one model; report
+    what each model looks like afterwards. The return value of ``fn`` is ignored."""
+    trials = []
+    for layers, ks in FREEZE_TRIALS:
+        model = _tiny(layers)
+        error = None
+        for k in ks:
+            ok, result = learner_call(fn, model, k)
+            if not ok:
+                error = f"k={k}: {result}"
+                break
+        trials.append({"layers": layers, "ks": list(ks), "error": error, **model_effects(model)})
+    return trials
 
 
 def _block_of(name: str) -> int | None:
@@ -27,22 +112,23 @@ def _block_of(name: str) -> int | None:
     return None
 
 
-def _expected_names(model, k: int) -> set[str]:
-    """Every parameter of the last ``k`` blocks, plus the final norm."""
-    n = len(model.model.layers)
-    names = {name for name, _ in model.named_parameters()
-             if (_block_of(name) is not None and _block_of(name) >= n - k)}
-    return names | {name for name, _ in model.named_parameters() if name.startswith("model.norm.")}
+@functools.cache
+def _untouched(layers: int) -> dict:
+    """The effects of a fresh, untouched model (the judge's own build; cached: it never changes)."""
+    return model_effects(_tiny(layers))
 
 
-def _count(model, names: set[str]) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if name in names)
+def expected_freeze(layers: int, k: int) -> tuple[set[str], dict]:
+    """(names that should train, effects of an untouched model), from a model the judge builds itself."""
+    effects = copy.deepcopy(_untouched(layers))
+    every = effects["checksums"]
+    want = {n for n in every
+            if (_block_of(n) is not None and _block_of(n) >= layers - k) or n.startswith("model.norm.")}
+    return want, effects
 
 
-def _diagnose_freeze(got: set[str], want: set[str], k: int, model) -> str:
-    """A hint for the most likely mistake behind a wrong trainable set on the tiny model."""
-    every = {name for name, _ in model.named_parameters()}
-    n = len(model.model.layers)
+def _diagnose_freeze(got: set[str], want: set[str], every: set[str], k: int, n: int) -> str:
+    """A hint for the most likely mistake behind a wrong trainable set on an ``n``-block test model."""
     blocks = {_block_of(name) for name in got} - {None}
     has_norm = any(name.startswith("model.norm.") for name in got)
     has_embedding = any("embed_tokens" in name or "lm_head" in name for name in got)
@@ -60,146 +146,249 @@ def _diagnose_freeze(got: set[str], want: set[str], k: int, model) -> str:
                 "everything first, then unfreeze only the blocks and the final norm.")
     if blocks == set(range(max(0, n - k), n)) and not has_norm:
         return "the right blocks train, but the final norm (`model.model.norm`) does not: unfreeze it too."
-    if k and blocks == set(range(min(k, n))):
+    if k and k < n and blocks == set(range(min(k, n))):
         return ("you unfroze the *first* k blocks (nearest the input); the exercise asks for the last k, "
                 "nearest the output.")
     if blocks == set(range(max(0, n - k - 1), n)) or blocks == set(range(max(0, n - k + 1), n)):
         return (f"off by one: {len(blocks)} blocks train for k={k}. `model.model.layers[-k:]` selects "
-                "exactly the last k.")
+                "exactly the last k (except for k=0).")
     missing, extra = sorted(want - got), sorted(got - want)
     detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
     return (f"the trainable set is not the last {k} blocks plus the final norm ({detail}): whole blocks "
             "should train, every parameter in them.")
 
 
-@exercise("freeze_all_but_last", lesson=LESSON)
-def freeze_all_but_last(answer, model=None, k: int | None = None):
-    """A function ``f(model, k)`` that leaves only the last k blocks and the final norm trainable.
+def _course_context() -> dict:
+    from ..capstone import course_dims
 
-    It is called on fresh tiny models built here (never on the lesson's ``model``), for several k;
-    ``model`` and ``k`` from the lesson are only used to say what the function does there.
-    """
-    if not callable(answer):
-        return False, ("give the function itself, `freeze_all_but_last` (no parentheses), "
-                       f"not its result ({type(answer).__name__}).")
-    for trial in (2, 0, TINY_LAYERS, 1):
-        tiny = _tiny()
-        try:
-            answer(tiny, trial)
-        except Exception as err:  # the learner's code: explain, do not raise
-            return False, (f"calling it on a small model with k={trial} raised {type(err).__name__}: {err}. "
-                           "It should work for every k from 0 to the number of blocks.")
-        got, want = _trainable_names(tiny), _expected_names(tiny, trial)
+    return {"dims": course_dims(), "k": K}
+
+
+def _trials(data) -> list[dict]:
+    if not isinstance(data, list) or len(data) != len(FREEZE_TRIALS) or not all(isinstance(t, dict) for t in data):
+        raise AnswerError("the check could not read what your function did: give the function itself.")
+    return data
+
+
+@exercise("freeze_all_but_last", lesson=LESSON, context=_course_context, probe=probe_freeze)
+def freeze_all_but_last(data, dims, k):
+    """A function ``f(model, k)`` after which only the last k blocks and the final norm are trainable."""
+    from ..estimate import Recipe, trainable_params
+
+    for (layers, ks), trial in zip(FREEZE_TRIALS, _trials(data), strict=True):
+        last = ks[-1]
+        where = (f"called twice on a {layers}-block test model (k={ks[0]}, then k={ks[1]})," if len(ks) > 1
+                 else f"on a {layers}-block test model with k={last}")
+        if trial.get("error"):
+            return False, (f"{where} it raised {trial['error']}. It should work for every k from 0 to the number "
+                           "of blocks.")
+        want, untouched = expected_freeze(layers, last)
+        if trial.get("blocks") != layers or trial.get("modules") != untouched["modules"]:
+            return False, (f"{where} the model no longer has the same modules ({trial.get('blocks')} blocks, not "
+                           f"{layers}): freeze parameters with `requires_grad_(False)`; do not delete or replace "
+                           "blocks.")
+        sums = trial.get("checksums")
+        if not isinstance(sums, dict) or set(sums) != set(untouched["checksums"]) or any(
+                not isinstance(sums[n], (int, float)) or abs(sums[n] - v) > 1e-9 * max(1.0, abs(v))
+                for n, v in untouched["checksums"].items()):
+            return False, (f"{where} it changed the model's weights or parameters: freezing only switches "
+                           "`requires_grad`; it never touches the values.")
+        got = set(trial.get("trainable") or [])
+        every = set(untouched["checksums"])
         if got != want:
-            n_got, n_want = _count(tiny, got), _count(tiny, want)
-            counts = (f"the right number of parameters ({n_got:,}) but not the right ones" if n_got == n_want
-                      else f"{n_got:,} parameters, not {n_want:,}")
-            return False, (f"on a {TINY_LAYERS}-block test model with k={trial} it trains {counts}: "
-                           + _diagnose_freeze(got, want, trial, tiny))
-    tiny = _tiny()
-    answer(tiny, 3)
-    answer(tiny, 1)  # applied twice: the second call must undo the first
-    if _trainable_names(tiny) != _expected_names(tiny, 1):
-        return False, ("called twice (k=3, then k=1), blocks from the first call still train: freeze "
-                       "everything at the start of the function, then unfreeze.")
-    message = f"right for every k from 0 to {TINY_LAYERS} on a {TINY_LAYERS}-block test model"
-    if model is not None and k is not None:
-        from ..estimate import Dims, Recipe, trainable_params
-
-        d = Dims.of(model.config)
-        n = trainable_params(d, Recipe(trainable_blocks=k))
-        message += (f"; on the lesson's model, k={k} trains {n:,} of {d.params:,} parameters "
-                    f"({n / d.params:.1%})")
-    return True, message + "."
+            if len(ks) > 1 and got - want and want <= got:
+                return False, (f"{where} blocks from the first call still train: freeze everything at the start of "
+                               "the function, then unfreeze.")
+            return False, f"{where} the trainable set is wrong: " + _diagnose_freeze(got, want, every, last, layers)
+    d = dims
+    n = trainable_params(d, Recipe(trainable_blocks=k))
+    return True, (f"right for k from 0 to the depth on 3- and 5-block test models, and when called twice; on the "
+                  f"course model, k={k} trains {n:,} of {d.params:,} parameters ({n / d.params:.1%}).")
 
 
-@exercise("optimizer_state_bytes_k", lesson=LESSON)
-def optimizer_state_bytes_k(answer, k: int | None = None, block_params: int | None = None,
-                            hidden: int | None = None, embedding_params: int | None = None,
-                            n_params: int | None = None):
-    """fp32 AdamW state when only the last ``k`` blocks (``block_params`` each) and the final norm
-    (``hidden`` weights) train."""
-    if None in (k, block_params, hidden):
-        return False, ("run the cells above first: the check needs k, block_params and hidden "
-                       "(pass k=..., block_params=dims.block_params, hidden=dims.hidden).")
-    value = as_number(answer, "a number of bytes")
-    trainable = k * block_params + hidden
-    target = 8 * trainable  # + a 4-byte step counter per tensor, far below the tolerance
-    if close(value, target, 0.01):
+# ------------------------------------------------------------------------------------------------
+# Exercise 2: AdamW state for the last K blocks
+# ------------------------------------------------------------------------------------------------
+@exercise("optimizer_state_bytes_k", lesson=LESSON, context=_course_context)
+def optimizer_state_bytes_k(data, dims, k):
+    """fp32 AdamW state when only the last ``k`` blocks and the final norm train."""
+    from ..estimate import Dims, Recipe, trainable_tensors
+
+    if not isinstance(dims, Dims):
+        raise TypeError("the context's dims must be a helpers.estimate.Dims")
+    value = as_number(data, "a number of bytes")
+    d = dims
+    trainable = k * d.block_params + d.hidden
+    tensors = trainable_tensors(d, Recipe(trainable_blocks=k))
+    target = 8 * trainable
+    # Exact: two fp32 moments per trainable parameter. PyTorch's AdamW also keeps a step counter per tensor (the
+    # lesson's measurement includes it): counting it is right too. A forgotten final norm
+    # (8 x hidden bytes) is more than all the counters together, so it fails.
+    if target <= value <= target + 4 * tensors:
+        extra = " (plus a step counter per tensor)" if value > target else ""
         return True, (f"{human_bytes(value)}: 8 bytes (two fp32 moments) for each of the {trainable:,} "
-                      f"trainable parameters; frozen parameters get no state at all.")
+                      f"trainable parameters{extra}; frozen parameters get no state at all.")
+    if abs(value - 8 * k * d.block_params) <= 8 * tensors:
+        return False, (f"you said {human_bytes(value)}: that is the {k} blocks without the final norm "
+                       f"({d.hidden} weights), which trains too.")
     hints = {
         0.5: "that is one fp32 moment per parameter; AdamW keeps two (exp_avg and exp_avg_sq).",
         1.5: "that adds the gradients; the question is the optimizer state only.",
         2.0: "that adds the weights and gradients too; the question is the optimizer state only.",
+        0.25: "that is 2 bytes per parameter: the moments are fp32 (4 bytes each) when training in fp32.",
         1 / 8: "that is the number of trainable parameters: multiply by the bytes AdamW keeps for each.",
-        (k + 1) / k: f"that is {k + 1} blocks: train exactly the last k={k}.",
         2**-20: "that looks like MiB; the exercise asks for bytes.",
+        1e-6: "that looks like MB; the exercise asks for bytes.",
         1e-9: "that looks like GB; the exercise asks for bytes.",
+        2**20 / 1e6: "that mixes MB and MiB: give the number of bytes itself.",
+        d.params / trainable: "that is every parameter of the model: only the trainable ones get state.",
     }
-    if k > 1:
-        hints[(k - 1) / k] = f"that is {k - 1} blocks: train exactly the last k={k}."
-    if embedding_params:
-        hints[(trainable + embedding_params) / trainable] = (
-            "that includes the embedding (tied to lm_head), which stays frozen in this exercise.")
-    if n_params:
-        hints[n_params / trainable] = "that is every parameter of the model: only the trainable ones get state."
-    hint = ratio_hint(value, target, hints, rel=0.005)
+    for blocks in (k + 1, k - 1):
+        if 0 <= blocks <= d.layers:
+            hints[(blocks * d.block_params + d.hidden) / trainable] = (
+                f"that is {blocks} blocks: train exactly the last k={k}.")
+    hints.setdefault((trainable + d.embedding_params) / trainable,
+                     "that includes the embedding (tied to lm_head), which stays frozen in this exercise.")
+    hint = ratio_hint(value, target, hints, rel=0.001)
+    if hint is None and abs(value / target - 1) < 0.01:
+        hint = "close, but not exact: count every trainable parameter (k blocks and the final norm), 8 bytes each."
     return False, f"you said {human_bytes(value)}; " + (
         hint or "count the trainable parameters (k blocks and the final norm) and the bytes AdamW keeps for each.")
 
 
-def _expected_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+# ------------------------------------------------------------------------------------------------
+# Exercise 3: count_trainable(model)
+# ------------------------------------------------------------------------------------------------
+COUNTER_CASES = (
+    # (label, blocks, how the model is prepared). The partly frozen model first: on it, an inverted condition
+    # and a `.grad` test give different numbers.
+    ("a 5-block model with only the last block and the final norm trainable", 5, "last"),
+    ("a fresh 5-block model (everything trainable)", 5, "all"),
+    ("a fully frozen 5-block model", 5, "none"),
+    ("a 3-block model with the last 2 blocks and the final norm trainable, after a backward pass and "
+     "zero_grad(set_to_none=True)", 3, "last2+backward"),
+    ("a 3-block model with only the embedding and the first block trainable, after a backward pass that left "
+     "zeroed gradients", 3, "embed+first+zero_grads"),
+)
 
 
-def _counter_cases():
-    """(label, model) pairs: everything trainable, the last block + final norm, nothing."""
-    full = _tiny()
-    last = _tiny()
-    last.requires_grad_(False)
-    last.model.layers[-1].requires_grad_(True)
-    last.model.norm.requires_grad_(True)
-    frozen = _tiny()
-    frozen.requires_grad_(False)
-    # The partly frozen model first: on it, an inverted condition and a `.grad` test give different numbers.
-    return [("a model with only the last block and the final norm trainable", last),
-            ("a fresh model (everything trainable)", full), ("a fully frozen model", frozen)]
+def counter_model(layers: int, how: str):
+    """The model of one counter case, built the same way by the probe and by the judge."""
+    model = _tiny(layers)
+    if how == "all":
+        return model
+    model.requires_grad_(False)
+    if how == "last":
+        model.model.layers[-1].requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+    elif how.startswith("last2"):
+        for block in model.model.layers[-2:]:
+            block.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+    elif how.startswith("embed+first"):
+        model.model.embed_tokens.requires_grad_(True)
+        model.model.layers[0].requires_grad_(True)
+    if how.endswith("backward") or how.endswith("zero_grads"):
+        ids = torch.arange(16).reshape(2, 8) % model.config.vocab_size
+        model(input_ids=ids, labels=ids).loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                if how.endswith("zero_grads"):
+                    p.grad.zero_()
+                else:
+                    p.grad = None
+    return model
 
 
-@exercise("count_trainable", lesson=LESSON)
-def count_trainable(answer, **_context):
-    """A fixed ``count_trainable(model)``: the number of trainable parameters, before any backward."""
-    if not callable(answer):
-        return False, ("give the fixed function itself, `count_trainable` (no parentheses), "
-                       f"not its result ({type(answer).__name__}).")
-    for label, model in _counter_cases():
-        try:
-            got = answer(model)
-        except Exception as err:
-            return False, f"on {label} it raised {type(err).__name__}: {err}."
-        got = as_number(got, "a count of parameters")
-        want = _expected_count(model)
-        if got == want:
-            continue
-        everything = sum(p.numel() for p in model.parameters())
-        with_duplicates = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)
-                              if p.requires_grad)
-        tensors = sum(1 for p in model.parameters() if p.requires_grad)
-        if got == 0 and want:
-            hint = ("a parameter has no `.grad` before the first backward, nor after "
-                    "`zero_grad(set_to_none=True)`: decide by `p.requires_grad` instead.")
-        elif got == everything - want and got != everything:
-            hint = "it counts the frozen parameters: the condition is inverted."
-        elif got == everything:
-            hint = "it counts every parameter, frozen ones too: keep only those with `p.requires_grad`."
-        elif got == tensors:
-            hint = "it counts parameter tensors, not numbers: add up `p.numel()`."
-        elif got == with_duplicates:
-            hint = ("the tied embedding is counted twice (it is also `lm_head.weight`): count "
-                    "`model.parameters()`, which lists each tensor once.")
-        else:
-            hint = "add up `p.numel()` over `model.parameters()` where `p.requires_grad` is true."
-        return False, f"on {label} it returns {got:,.0f}, not {want:,}: {hint}"
-    return True, ("right on a trainable, a partly frozen and a frozen model — and it no longer depends on "
-                  "whether a backward pass has run.")
+def _plain_count(result):
+    try:
+        return plain(result)
+    except AnswerError as err:
+        return {"unreadable": str(err)}
+
+
+def gradient_state(model) -> dict[str, float]:
+    """{name: sum of |grad|} of the parameters that have a ``.grad``: a counter must leave gradients alone."""
+    return {name: _ITEM(_SUM(_ABS(_TO(_DETACH(_GRAD(p)), torch.float64)))) for name, p in _parameters(model)
+            if _GRAD(p) is not None}
+
+
+def probe_count(fn) -> list[dict]:
+    """Call ``fn(model)`` twice on each counter case's model; report the counts, and which parameters train and
+    which gradients exist afterwards."""
+    out = []
+    for _label, layers, how in COUNTER_CASES:
+        model = counter_model(layers, how)
+        counts, error = [], None
+        for _ in range(2):
+            ok, result = learner_call(fn, model)
+            if not ok:
+                error = result
+                break
+            counts.append(_plain_count(result))
+        out.append({"counts": counts, "error": error, "trainable_after": model_effects(model)["trainable"],
+                    "gradients_after": gradient_state(model)})
+    return out
+
+
+@functools.cache
+def counter_reference(layers: int, how: str) -> dict:
+    """What a right counter sees on one case's model, and the numbers behind the hints: from the judge's own
+    build of the model (cached: it never changes)."""
+    model = counter_model(layers, how)
+    params = list(_parameters(model))
+    trainable = [p for _, p in params if _REQUIRES_GRAD(p)]
+    return {"trainable": sorted(name for name, p in params if _REQUIRES_GRAD(p)),
+            "gradients": gradient_state(model),
+            "want": sum(_NUMEL(p) for p in trainable),
+            "everything": sum(_NUMEL(p) for _, p in params),
+            "with_duplicates": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)
+                                   if p.requires_grad),
+            "tensors": len(trainable),
+            "with_grad": sum(_NUMEL(p) for _, p in params if _GRAD(p) is not None)}
+
+
+@exercise("count_trainable", lesson=LESSON, probe=probe_count)
+def count_trainable(data):
+    """A fixed ``count_trainable(model)``: the number of trainable parameters, before or after a backward."""
+    if not isinstance(data, list) or len(data) != len(COUNTER_CASES) or not all(isinstance(c, dict) for c in data):
+        raise AnswerError("the check could not read what your function did: give the function itself.")
+    for (label, layers, how), case in zip(COUNTER_CASES, data, strict=True):
+        if case.get("error"):
+            return False, f"on {label} it raised {case['error']}."
+        ref = counter_reference(layers, how)
+        if case.get("trainable_after") != ref["trainable"]:
+            return False, (f"on {label} it changed which parameters train: a counter only reads `p.requires_grad`, "
+                           "it never sets it.")
+        grads, want_grads = case.get("gradients_after"), ref["gradients"]
+        if not isinstance(grads, dict) or set(grads) != set(want_grads) or any(
+                not isinstance(grads[n], (int, float)) or abs(grads[n] - v) > 1e-9 * max(1.0, abs(v))
+                for n, v in want_grads.items()):
+            return False, (f"on {label} it changed the model's gradients (a backward pass of its own?): a counter "
+                           "only reads `p.requires_grad`; it runs nothing.")
+        want = ref["want"]
+        for got in case.get("counts") or [None]:
+            if isinstance(got, dict) and "unreadable" in got:
+                return False, f"on {label} its result cannot be read: {got['unreadable']} Return an int."
+            got = as_number(got, "a count of parameters (an int)")
+            if got == want:
+                continue
+            everything, with_duplicates, tensors, with_grad = (
+                ref[key] for key in ("everything", "with_duplicates", "tensors", "with_grad"))
+            if got == with_grad and got != want:
+                hint = ("it counts parameters that have a `.grad`: there is none before the first backward, nor after "
+                        "`zero_grad(set_to_none=True)`. Decide by `p.requires_grad` instead.")
+            elif got == everything - want and got != everything:
+                hint = "it counts the frozen parameters: the condition is inverted."
+            elif got == everything:
+                hint = "it counts every parameter, frozen ones too: keep only those with `p.requires_grad`."
+            elif got == tensors:
+                hint = "it counts parameter tensors, not numbers: add up `p.numel()`."
+            elif got == with_duplicates:
+                hint = ("the tied embedding is counted twice (it is also `lm_head.weight`): count "
+                        "`model.parameters()`, which lists each tensor once.")
+            else:
+                hint = "add up `p.numel()` over `model.parameters()` where `p.requires_grad` is true."
+            return False, f"on {label} it returns {got:,.0f}, not {want:,}: {hint}"
+    return True, ("right on trainable, partly frozen and frozen models of two sizes, before and after a backward "
+                  "pass: it no longer depends on whether gradients exist.")
