@@ -220,8 +220,9 @@ def answer_data(name: str, answer):
     ex = _exercise(name)
     if ex.probe is None:
         return plain(answer)
-    if answer is None or answer is Ellipsis:
-        return None
+    if answer is None or answer is Ellipsis or (isinstance(answer, str) and not str.strip(answer)) or (
+            isinstance(answer, tuple) and all(a is None for a in tuple.__iter__(answer))):
+        return None  # still blank: "not attempted"
     if not callable(answer):
         raise AnswerError(f"give the function itself (its name, without parentheses), not its result "
                           f"(a {type(answer).__name__}).")
