@@ -471,3 +471,26 @@ def test_without_a_sandbox_tampering_is_detected_and_nothing_survives(tmp_path):
     assert later["status"] == "not graded" and "an earlier submission changed the course" in later["reason"]
     final = run["out"].read_text(encoding="utf-8")
     assert final == run["written"] and "forged" not in final
+
+
+def test_measured_context_comes_from_the_solution_not_the_submission(tmp_path, monkeypatch):
+    """A check that judges against the lesson's measurements gets them from the grader's own run of the
+    solution notebook: a submission that measures (or fakes) other numbers cannot move the target."""
+    solutions = tmp_path / "solutions"
+    solutions.mkdir()
+    table = ('results = {"fp32": {"perplexity": 10.0, "bytes": 400}, "int8": {"perplexity": 10.3, "bytes": 200},\n'
+             '           "nf4": {"perplexity": 11.5, "bytes": 100}}')
+    nbformat.write(notebook(table, 'smallest_ok = "int8"', 'check("smallest_within_5_percent", smallest_ok, '
+                                                           'results=results)'), solutions / "01_loading.ipynb")
+    monkeypatch.setattr(grade, "SOLUTIONS", solutions)
+    monkeypatch.setattr(grade, "_REFERENCE", {})
+    limits = grade.Limits(cell_timeout=60, submission_timeout=120, memory=None, sandbox=grade.bubblewrap() is not None)
+    faked = table.replace("11.5", "10.1")  # the submission's own table makes nf4 qualify
+    rows = {}
+    for label, answer in (("faked", "nf4"), ("right", "int8")):
+        row = grade.Row(label)
+        grade.grade_notebook(notebook(faked, f"smallest_ok = {answer!r}"), "01", row, limits)
+        rows[label] = row
+    assert rows["faked"].points == {"smallest_within_5_percent": 0.0}, rows["faked"].reasons
+    assert "more than 5 % above" in " ".join(rows["faked"].reasons)
+    assert rows["right"].points == {"smallest_within_5_percent": 1.0}, rows["right"].reasons
