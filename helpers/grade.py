@@ -589,11 +589,11 @@ def run_probe(name: str, pickled: bytes, sandbox: bool, timeout: float, memory_l
     keep = descendants()
     token = secrets.token_hex(8)
     try:
-        argv = workspace.command([sys.executable, "-m", "helpers.grade", "--run-probe", name, token])
+        argv = workspace.command([sys.executable, "-m", "helpers.grade", "--run-probe", name])
         proc = subprocess.Popen(argv, cwd=workspace.work, env=workspace.env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=_limits(memory_limit))
         try:
-            stdout, _ = proc.communicate(pickled, timeout=timeout)
+            stdout, _ = proc.communicate(token.encode() + b"\n" + pickled, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"status": "error", "message": f"running your function took longer than {timeout:g} s"}
         finally:
@@ -607,10 +607,13 @@ def run_probe(name: str, pickled: bytes, sandbox: bool, timeout: float, memory_l
         workspace.close()
 
 
-def probe_main(name: str, token: str) -> int:
-    """``python -m helpers.grade --run-probe NAME TOKEN``: unpickle a function from stdin, probe it, print data."""
+def probe_main(name: str) -> int:
+    """``python -m helpers.grade --run-probe NAME``: read a token line and a pickled function from stdin, probe
+    the function, print its data after the token. (The token is not on the command line, where any process can
+    read it; learner code in this process could still find it: what it could forge is its own answer's data.)"""
     from helpers.checks import AnswerError, answer_data
 
+    token = sys.stdin.buffer.readline().decode().strip()
     pickled = sys.stdin.buffer.read()
     try:
         import cloudpickle
@@ -878,8 +881,8 @@ def expand(paths: list[str]) -> list[Path]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--run-probe"] and len(argv) == 3:  # internal: the probe process of run_probe
-        return probe_main(argv[1], argv[2])
+    if argv[:1] == ["--run-probe"] and len(argv) == 2:  # internal: the probe process of run_probe
+        return probe_main(argv[1])
     parser = argparse.ArgumentParser(prog="python -m helpers.grade",
                                      description="Grade submitted lesson notebooks into a CSV.")
     parser.add_argument("submissions", nargs="+", help="notebook files, or folders of them")
