@@ -336,6 +336,28 @@ def as_config(data, cls):
     return cls(**{k: v for k, v in fields.items() if k in known})
 
 
+def as_pair(data, keys: tuple[str, str], expected: str, what: tuple[str, str]) -> tuple[float, float]:
+    """Two numbers from a pair, or from a dict that has both ``keys`` (any case, spaces around them ignored).
+    Anything else is an AnswerError that says ``expected``; ``what`` names each number for ``as_number``."""
+    if isinstance(data, dict):
+        named = {k.strip().lower(): v for k, v in data.items()}
+        if set(keys) <= set(named):
+            data = [named[keys[0]], named[keys[1]]]
+    if not isinstance(data, list) or len(data) != 2:
+        raise AnswerError(expected)
+    return as_number(data[0], what[0]), as_number(data[1], what[1])
+
+
+def trusted_dims(dims):
+    """The context's model shapes, checked: only trusted code supplies a context, so anything but a
+    ``helpers.estimate.Dims`` is a bug in the course, said plainly (a TypeError, not feedback)."""
+    from .estimate import Dims
+
+    if not isinstance(dims, Dims):
+        raise TypeError("the context's dims must be a helpers.estimate.Dims")
+    return dims
+
+
 def learner_call(fn, *args, **kwargs) -> tuple[bool, object]:
     """Call the learner's ``fn``: (True, result) or (False, "ExceptionName: message") — never raises."""
     try:

@@ -43,6 +43,17 @@ def lenient_checks(monkeypatch):
     monkeypatch.delenv("COURSE_STRICT_CHECKS", raising=False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a busy machine (no oversubscription)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["course-shaped", "tiny"])
 def dims(request):
     """Checks take the model's numbers from the lesson, so they must hold for any model, not only the default."""

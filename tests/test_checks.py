@@ -1,11 +1,9 @@
 """Lesson 00's exercise checks (and the check entry points): right answers pass, blanks are "not attempted",
 plausible mistakes get a specific hint, and wrong or cheating answers never get points."""
 
-import numbers
-
 import numpy as np
 import pytest
-from casebook import COURSE, TINY, assert_grades, grade, registered
+from casebook import COURSE, TINY, FrameReader, RealLiar, assert_grades, assert_no_points, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, check, run_check
 from helpers.estimate import Recipe, predict
@@ -56,77 +54,8 @@ def test_check(name, dims):
 # ------------------------------------------------------------------------------------------------
 # Red team: plausible slips just outside the lesson's point, and answers that lie. None may score.
 # ------------------------------------------------------------------------------------------------
-def assert_no_points(name, answers, context=None, **measured):
-    for answer in answers:
-        result = grade(name, answer, context, **measured)
-        assert result.status != PASS and result.points == 0, (name, answer, result.message)
-        assert result.status == FAIL, (answer, result)
-
-
-class LyingFloat(float):
-    """A number that says it is whatever the check compares it with."""
-
-    def __float__(self):
-        return 8.0 * COURSE.params
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-    def __sub__(self, other):
-        return 0.0
-
-    __rsub__ = __sub__
-
-
-class RealLiar:
-    """Registered as a real number; its value is read from nobody knows where."""
-
-    def __float__(self):
-        return 8.0 * COURSE.params
-
-
-numbers.Real.register(RealLiar)
-
-
-class LyingStr(str):
-    def strip(self, *args):
-        return "activations"
-
-    def lower(self):
-        return "activations"
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = str.__hash__
-
-
-class LyingDict(dict):
-    def get(self, key, default=None):
-        return {"bf16": 2 * P7, "nf4": NF4_ABSMAX}.get(key, default)
-
-    def __getitem__(self, key):
-        return self.get(key)
-
-    def items(self):
-        return {"bf16": 2 * P7, "nf4": NF4_ABSMAX}.items()
-
-
-def frame_reader():
-    """A "number" that hunts the caller's frames for a target: plain() refuses anything that is not a number."""
-    import inspect
-
-    class Peek:
-        def __float__(self):
-            for frame in inspect.stack():
-                for value in frame.frame.f_locals.values():
-                    if isinstance(value, float) and value > 1e8:
-                        return value
-            return 0.0
-    numbers.Real.register(Peek)
-    return Peek()
+# Numbers that lie (tests/casebook.py), claiming to be the course model's AdamW state.
+LYING_FLOAT, REAL_LIAR = liar(1.0, 8.0 * COURSE.params), RealLiar(8.0 * COURSE.params)
 
 
 def test_weights_7b_red_team():
@@ -146,10 +75,10 @@ def test_weights_7b_red_team():
         (P7 * 2, "3.5e9"),
         {"bf16": P7 * 2, "nf4": P7},
         {"fp16": P7 * 2, "nf4": NF4_CODES},
-        LyingDict(bf16=1, nf4=1),  # its get/items/[] lie: plain() reads the stored items
-        (LyingFloat(1.0), LyingFloat(1.0)),
-        (RealLiar(), RealLiar()),
-        (frame_reader(), frame_reader()),
+        liar({"bf16": 1, "nf4": 1}, {"bf16": 2 * P7, "nf4": NF4_ABSMAX}),  # plain() reads the stored items
+        (LYING_FLOAT, LYING_FLOAT),
+        (REAL_LIAR, REAL_LIAR),
+        (FrameReader(), FrameReader()),
         (True, True),
     ]
     assert_no_points("weights_7b", wrong)
@@ -160,8 +89,8 @@ def test_adamw_state_bytes_red_team(dims):
     forgot_norm = 8 * (p - dims.hidden)
     wrong = [forgot_norm, 8 * (p - dims.embedding_params), 8 * p * 1.005, 8 * p * 0.995, 8 * p + 8 * 1000,
              float(f"{8 * p:.4g}"),  # rounded to four significant digits
-             8 * p * 2**20 / 1e6, 12 * p, 8 * (p + dims.embedding_params), LyingFloat(1.0), RealLiar(),
-             frame_reader(), "8 * n_params", [8 * p], {"bytes": 8 * p}, True, float("nan"), float("inf")]
+             8 * p * 2**20 / 1e6, 12 * p, 8 * (p + dims.embedding_params), LYING_FLOAT, REAL_LIAR,
+             FrameReader(), "8 * n_params", [8 * p], {"bytes": 8 * p}, True, float("nan"), float("inf")]
     assert_no_points("adamw_state_bytes", wrong, ctx)
 
 
@@ -177,11 +106,11 @@ def test_adamw_state_bytes_accepts_the_step_counters_and_other_number_types(dims
 
 def test_largest_category_red_team(dims):
     ctx = {"dims": dims}
-    wrong = [LyingStr("optimizer"), LyingStr("weights"), "weights", "gradients", "optimizer state", "the largest",
-             "activations weights", ["activations"], {"category": "activations"}, 1, True,
-             MemoryReport(activations=10)]
+    wrong = [liar("optimizer", "activations"), liar("weights", "activations"), "weights", "gradients",
+             "optimizer state", "the largest", "activations weights", ["activations"], {"category": "activations"},
+             1, True, MemoryReport(activations=10)]
     assert_no_points("largest_category", wrong, ctx)
-    assert grade("largest_category", LyingStr("activations"), ctx).status == PASS  # its characters are right
+    assert grade("largest_category", liar("activations", "activations"), ctx).status == PASS  # its characters are right
 
 
 def test_largest_category_is_clear_in_the_lessons_prediction():
@@ -203,7 +132,7 @@ def test_logits_bytes_red_team(dims):
     ctx = {"dims": dims}
     target = 8 * 256 * dims.vocab * 4
     wrong = [target + 1, target - 4, target * 1.0001, 8 * 256 * (dims.vocab + 1) * 4, 8 * 256 * dims.vocab * 2,
-             8 * 128 * dims.vocab * 4, 8 * 256 * dims.vocab * 4 / 1e6, LyingFloat(1.0), RealLiar(), frame_reader(),
+             8 * 128 * dims.vocab * 4, 8 * 256 * dims.vocab * 4 / 1e6, LYING_FLOAT, REAL_LIAR, FrameReader(),
              str(target), [target], True]
     assert_no_points("logits_bytes", wrong, ctx)
 

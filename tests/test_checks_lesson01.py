@@ -7,7 +7,7 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from casebook import COURSE, assert_grades, grade, registered
+from casebook import COURSE, assert_grades, assert_no_points, grade, liar, registered
 from transformers import BitsAndBytesConfig
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.usefixtures("lenient_checks")
 
 def test_every_registered_exercise_has_a_test():
     assert registered("01") == {"qlora_quantization_config", "nf4_footprint", "smallest_within_5_percent"}
-
-
-def assert_no_points(name, answers, context=None, **measured):
-    for answer in answers:
-        result = grade(name, answer, context, **measured)
-        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,20 +170,8 @@ def test_smallest_within_5_percent():
 
 
 def test_smallest_within_5_percent_red_team():
-    class LyingStr(str):
-        def strip(self, *args):
-            return "int8"
-
-        def split(self, *args):
-            return ["int8"]
-
-        def __eq__(self, other):
-            return True
-
-        __hash__ = str.__hash__
-
-    wrong = [LyingStr("nf4"), "nf4 + double quant", "fp4", "fp16", "bf16", "fp32", ["int8"], {"name": "int8"},
-             "int 8", "nf4+int8", 8, True]
+    wrong = [liar("nf4", "int8"), "nf4 + double quant", "fp4", "fp16", "bf16", "fp32", ["int8"],
+             {"name": "int8"}, "int 8", "nf4+int8", 8, True]
     for answer in wrong:
         result = run_check("smallest_within_5_percent", answer, results=RESULTS)
         assert result.status == FAIL and result.points == 0, (answer, result.message)

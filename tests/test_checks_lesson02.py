@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from casebook import COURSE, grade, registered
+from casebook import COURSE, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
 from helpers.estimate import Dims, Recipe, trainable_tensors
@@ -303,15 +303,11 @@ def test_optimizer_state_bytes_k(d, k):
 
 @pytest.mark.parametrize("d,k", [(COURSE, 6), (Dims.of(tiny_config(num_hidden_layers=6)), 3)])
 def test_optimizer_state_bytes_k_red_team(d, k):
-    class LyingFloat(float):
-        def __float__(self):
-            return 8.0 * (k * d.block_params + d.hidden)
-
     target, context, _ = optimizer_cases(d, k)
     wrong = [target - 8 * d.hidden, target * 1.005, target * 0.995, target + 8 * 1000, target * 2**20 / 1e6,
              float(f"{target:.4g}"), 8 * (k * d.block_params + 2 * d.hidden),
              8 * (k * d.block_linear_params + d.hidden),
-             LyingFloat(1.0), str(target), [target], {"k": target}, True]
+             liar(1.0, target), str(target), [target], {"k": target}, True]
     for answer in wrong:
         assert_fails("optimizer_state_bytes_k", answer, context=context)
 

@@ -8,7 +8,7 @@ import sys
 import nbformat
 import pytest
 import torch
-from casebook import COURSE, assert_grades, grade, registered
+from casebook import COURSE, assert_grades, fails, grade, registered
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -17,7 +17,7 @@ from helpers.estimate import Recipe, block_activation_bytes, predict
 from helpers.exercises import lesson03
 from helpers.exercises.lesson03 import toy_stack
 
-pytestmark = pytest.mark.usefixtures("lenient_checks")
+pytestmark = pytest.mark.usefixtures("lenient_checks", "one_thread")
 
 
 def segments(k, reentrant=False):
@@ -28,15 +28,6 @@ def segments(k, reentrant=False):
             x = checkpoint(nn.Sequential(*blocks[start:start + k]), x, use_reentrant=reentrant)
         return x
     return forward
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def skip_last_block(stack, x):
@@ -93,14 +84,6 @@ def test_toy_check():
         result = grade("toy_under_target", answer)
         assert result.status == FAIL and result.points == 0, answer
         assert word.lower() in result.message.lower(), (answer, result.message)
-
-
-def fails(name, answer, context=None, **measured):
-    """The answer gets no points, with feedback (no exception escapes)."""
-    result = grade(name, answer, context, **measured)
-    assert result.status != PASS and result.points == 0, (answer, result)
-    assert result.message
-    return result
 
 
 # ------------------------------------------------------------------------------------------------

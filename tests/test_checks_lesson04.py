@@ -9,24 +9,15 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from casebook import COURSE, assert_grades, grade, registered
+from casebook import COURSE, assert_grades, fails, grade, registered
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from helpers.checks import FAIL, PASS, SKIP, run_check
 from helpers.exercises import lesson04
 
-pytestmark = pytest.mark.usefixtures("lenient_checks")
+pytestmark = pytest.mark.usefixtures("lenient_checks", "one_thread")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "04_lora.ipynb"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lora(r, targets=ATTENTION, task="CAUSAL_LM", **kw):
@@ -83,14 +74,6 @@ def test_every_registered_exercise_has_cases(dims):
 def test_check(name, dims):
     right, context, wrong = cases(dims)[name]
     assert_grades(name, right, wrong, context)
-
-
-def fails(name, answer, context=None, **measured):
-    """The answer gets no points, with feedback (no exception escapes)."""
-    result = grade(name, answer, context, **measured)
-    assert result.status != PASS and result.points == 0, (answer, result)
-    assert result.message
-    return result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
-from casebook import COURSE, assert_grades, grade, registered
+from casebook import COURSE, assert_grades, fails, grade, registered
 from peft import LoraConfig
 
 from helpers.checks import EXERCISES, FAIL, run_check
@@ -83,14 +83,6 @@ def test_every_registered_exercise_has_cases(dims):
 def test_check(name, dims):
     right, context, wrong = cases(dims)[name]
     assert_grades(name, right, wrong, context)
-
-
-def fails(name, answer, context=None, **measured):
-    """The answer gets no points, with feedback (no exception escapes)."""
-    result = grade(name, answer, context, **measured)
-    assert result.status != "passed" and result.points == 0, (answer, result)
-    assert result.message
-    return result
 
 
 # ------------------------------------------------------------------------------------------------

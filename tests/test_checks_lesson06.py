@@ -1,17 +1,14 @@
 """Lesson 06's checks: right answers pass, blanks are "not attempted", plausible mistakes get a specific hint,
 and wrong or cheating answers never get points."""
 
-import ast
-import inspect
 import math
-import numbers
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import torch
-from casebook import COURSE, TINY, assert_grades, grade, registered
+from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
 from helpers.estimate import Recipe, predict
@@ -84,81 +81,20 @@ def test_the_loss_scale_follows_the_lessons_measurement():
 # ------------------------------------------------------------------------------------------------
 # Red team: slips just outside the lesson's point, and answers that lie. None may score.
 # ------------------------------------------------------------------------------------------------
-def assert_no_points(name, answers, context=None, **measured):
-    for answer in answers:
-        result = grade(name, answer, context, **measured)
-        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
-
-
-class LyingFloat(float):
-    """Stores one value, claims another to every method a check might call."""
-
-    claim = 0.0
-
-    def __float__(self):
-        return float(self.claim)
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-    def __sub__(self, other):
-        return 0.0
-
-    __rsub__ = __sub__
-
-
-class LyingInt(int):
-    claim = 0
-
-    def __index__(self):
-        return self.claim
-
-    __int__ = __index__
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = int.__hash__
-
-
-def liar(cls, stored, claim):
-    value = cls(stored)
-    value.claim = claim
-    return value
-
-
-class FrameReader:
-    """A "number" registered as numbers.Real that hunts the caller's frames for the target."""
-
-    def __float__(self):
-        for frame in inspect.stack():
-            for key in ("want", "target", "right"):
-                if isinstance(frame.frame.f_locals.get(key), (int, float)):
-                    return float(frame.frame.f_locals[key])
-        return 0.0
-
-    __index__ = __int__ = lambda self: int(float(self))
-
-
-numbers.Real.register(FrameReader)
-
-
 def test_autocast_copy_bytes_red_team(dims):
     right, ctx = copies(dims), {"dims": dims}
     wrong = [right + 2, right - 2 * dims.hidden,  # a norm counted as cast or one small matrix left out
              right * 1.001, round(right, -5),  # rounded: the count is exact
              right / 2**20 * 1e6,  # MiB written as MB
              2 * (dims.layers * dims.block_linear_params + dims.embedding_params + dims.hidden),
-             liar(LyingFloat, 1.0, right), liar(LyingInt, 1, right), FrameReader(), str(right), [right],
+             liar(1.0, right), liar(1, right), FrameReader(), str(right), [right],
              {"bytes": right}, True, float("nan"), float("inf"), torch.ones(2)]
     assert_no_points("autocast_copy_bytes", wrong, ctx)
 
 
 def test_largest_loss_scale_red_team():
     wrong = [2.0 ** 14 + 1, 2.0 ** 14 * 1.0001, 20470.0,  # 65504 / 3.2, not a power of two
-             liar(LyingFloat, 1.0, 2.0 ** 14), liar(LyingInt, 1, 2 ** 14), FrameReader(), "16384", True]
+             liar(1.0, 2.0 ** 14), liar(1, 2 ** 14), FrameReader(), "16384", True]
     assert_no_points("largest_loss_scale", wrong, largest_gradient=GRADIENT)
     # the measurement is the lesson's: without it, or with a bogus one, nothing passes
     for measured in ({}, {"largest_gradient": "big"}, {"largest_gradient": -1.0}, {"largest_gradient": 0.0}):
@@ -170,8 +106,8 @@ def test_autocast_pays_from_batch_red_team(dims):
     seq = seq_for(dims)
     crossover = autocast_crossover(dims, seq)
     ctx = {"dims": dims, "seq_len": seq}
-    wrong = [crossover + 1, crossover - 0.5, crossover * 2, -crossover, liar(LyingInt, 1, crossover),
-             liar(LyingFloat, 1.0, crossover), FrameReader(), str(crossover), [crossover], True]
+    wrong = [crossover + 1, crossover - 0.5, crossover * 2, -crossover, liar(1, crossover),
+             liar(1.0, crossover), FrameReader(), str(crossover), [crossover], True]
     assert_no_points("autocast_pays_from_batch", wrong, ctx)
 
 
@@ -216,13 +152,7 @@ def notebook():
 
 
 def test_the_notebooks_check_calls_pass_only_measurements():
-    calls = {}
-    for cell in notebook().cells:
-        if cell.cell_type == "code" and "check(" in cell.source:
-            for node in ast.walk(ast.parse(cell.source)):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
-                    calls[node.args[0].value] = sorted(k.arg for k in node.keywords)
-    assert calls == {name: sorted(EXERCISES[name].measured) for name in NAMES}
+    assert check_calls(notebook()) == {name: sorted(EXERCISES[name].measured) for name in NAMES}
 
 
 def test_the_solutions_answers_pass_and_use_the_lessons_sequence_length():

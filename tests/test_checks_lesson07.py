@@ -2,15 +2,13 @@
 and wrong or cheating answers never get points."""
 
 import ast
-import inspect
-import numbers
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import torch
-from casebook import COURSE, TINY, assert_grades, grade, registered
+from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
 from helpers.estimate import Recipe, predict
@@ -112,99 +110,10 @@ def test_split_for_budget_finds_the_largest_and_none_below_the_floor(dims):
 # ------------------------------------------------------------------------------------------------
 # Red team: slips just outside the lesson's point, and answers that lie. None may score.
 # ------------------------------------------------------------------------------------------------
-def assert_no_points(name, answers, context=None, **measured):
-    for answer in answers:
-        result = grade(name, answer, context, **measured)
-        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
-
-
-class LyingFloat(float):
-    """Stores one value, claims another to every method a check might call."""
-
-    claim = 0.0
-
-    def __float__(self):
-        return float(self.claim)
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-    def __sub__(self, other):
-        return 0.0
-
-    __rsub__ = __sub__
-
-
-class LyingInt(int):
-    claim = 0
-
-    def __index__(self):
-        return self.claim
-
-    __int__ = __index__
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = int.__hash__
-
-
-def liar(cls, stored, claim):
-    value = cls(stored)
-    value.claim = claim
-    return value
-
-
-class LyingTuple(tuple):
-    """A pair whose indexing and iteration claim another pair."""
-
-    claim = ()
-
-    def __getitem__(self, i):
-        return self.claim[i]
-
-    def __iter__(self):
-        return iter(self.claim)
-
-    def __len__(self):
-        return 2
-
-
-class LyingDict(dict):
-    claim: dict = {}
-
-    def get(self, key, default=None):
-        return self.claim.get(key, default)
-
-    def __getitem__(self, key):
-        return self.claim[key]
-
-    def items(self):
-        return self.claim.items()
-
-
-class FrameReader:
-    """A "number" registered as numbers.Real that hunts the caller's frames for the target."""
-
-    def __float__(self):
-        for frame in inspect.stack():
-            for key in ("want", "target", "right"):
-                if isinstance(frame.frame.f_locals.get(key), (int, float)):
-                    return float(frame.frame.f_locals[key])
-        return 0.0
-
-    __index__ = __int__ = lambda self: int(float(self))
-
-
-numbers.Real.register(FrameReader)
-
-
 def test_num_items_in_batch_red_team():
     ctx = {"lengths": LENGTHS, "seq_len": SHORT}
-    wrong = [ITEMS + 1, ITEMS - 1, ITEMS * 1.01, ITEMS / 4, sum(LENGTHS) - 2, liar(LyingInt, 1, ITEMS),
-             liar(LyingFloat, 1.0, ITEMS), FrameReader(), str(ITEMS), [ITEMS], {"tokens": ITEMS}, True]
+    wrong = [ITEMS + 1, ITEMS - 1, ITEMS * 1.01, ITEMS / 4, sum(LENGTHS) - 2, liar(1, ITEMS),
+             liar(1.0, ITEMS), FrameReader(), str(ITEMS), [ITEMS], {"tokens": ITEMS}, True]
     assert_no_points("num_items_in_batch", wrong, ctx)
 
 
@@ -217,17 +126,17 @@ def test_accumulation_peak_red_team(dims):
              right.peak / 2**20 * 1e6,  # MiB taken for MB
              right.weights + right.optimizer + right.gradients + 4 * right.activations,  # activations x k
              predict(dims, PEAK_RECIPE.but(lora_rank=0)).peak,  # full fine-tuning
-             liar(LyingFloat, 1.0, right.peak), liar(LyingInt, 1, right.peak), FrameReader(), str(right.peak),
+             liar(1.0, right.peak), liar(1, right.peak), FrameReader(), str(right.peak),
              [right.peak], {"peak": right.peak}, True, float("nan")]
     assert_no_points("accumulation_peak", wrong, ctx)
 
 
 def test_micro_batch_for_budget_red_team(dims):
     ctx = budget_context(dims)
-    fake_pair, fake_dict = LyingTuple((8, 4)), LyingDict(micro_batch=8, k=4)
-    fake_pair.claim, fake_dict.claim = (4, 8), {"micro_batch": 4, "k": 8}
+    fake_pair = liar((8, 4), (4, 8))
+    fake_dict = liar({"micro_batch": 8, "k": 4}, {"micro_batch": 4, "k": 8})
     wrong = [(8, 4), (16, 2), (4, 4), (4.0001, 8), (1, 32), fake_pair, fake_dict,
-             (liar(LyingInt, 8, 4), liar(LyingInt, 4, 8)), (FrameReader(), FrameReader()), "(4, 8)",
+             (liar(8, 4), liar(4, 8)), (FrameReader(), FrameReader()), "(4, 8)",
              {"micro": 4}, (4, 8.5), (True, 8)]
     assert_no_points("micro_batch_for_budget", wrong, ctx)
 
@@ -293,13 +202,7 @@ def test_the_notebooks_constants_are_the_checks():
 
 
 def test_the_notebooks_check_calls_pass_only_measurements():
-    calls = {}
-    for cell in notebook().cells:
-        if cell.cell_type == "code" and "check(" in cell.source:
-            for node in ast.walk(ast.parse(cell.source)):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
-                    calls[node.args[0].value] = sorted(k.arg for k in node.keywords)
-    assert calls == {name: [] for name in NAMES}
+    assert check_calls(notebook()) == {name: [] for name in NAMES}
 
 
 def test_the_solutions_answers_pass():

@@ -2,8 +2,6 @@
 and wrong or cheating answers never get points."""
 
 import ast
-import inspect
-import numbers
 from pathlib import Path
 
 import nbformat
@@ -11,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from casebook import COURSE, TINY, assert_grades, grade, registered
+from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
 from helpers.estimate import Recipe, optimizer_state_bytes, predict, trainable_params, trainable_tensor_shapes
@@ -119,80 +117,6 @@ def test_ties_count_as_equal_and_the_answer_follows_the_measurements(dims):
 # ------------------------------------------------------------------------------------------------
 # Red team: slips just outside the lesson's point, and answers that lie. None may score.
 # ------------------------------------------------------------------------------------------------
-def assert_no_points(name, answers, context=None, **measured):
-    for answer in answers:
-        result = grade(name, answer, context, **measured)
-        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
-
-
-class LyingFloat(float):
-    """Stores one value, claims another to every method a check might call."""
-
-    claim = 0.0
-
-    def __float__(self):
-        return float(self.claim)
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-    def __sub__(self, other):
-        return 0.0
-
-    __rsub__ = __sub__
-
-
-def liar(stored, claim):
-    value = LyingFloat(stored)
-    value.claim = claim
-    return value
-
-
-class LyingStr(str):
-    def strip(self, *args):
-        return "adamw8bit"
-
-    def lower(self):
-        return "adamw8bit"
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = str.__hash__
-
-
-class LyingDict(dict):
-    claim: dict = {}
-
-    def get(self, key, default=None):
-        return self.claim.get(key, default)
-
-    def __getitem__(self, key):
-        return self.claim[key]
-
-    def items(self):
-        return self.claim.items()
-
-    def keys(self):
-        return self.claim.keys()
-
-
-class FrameReader:
-    """A "number" registered as numbers.Real that hunts the caller's frames for the target."""
-
-    def __float__(self):
-        for frame in inspect.stack():
-            for key in ("want", "target"):
-                if isinstance(frame.frame.f_locals.get(key), (int, float)):
-                    return float(frame.frame.f_locals[key])
-        return 0.0
-
-
-numbers.Real.register(FrameReader)
-
-
 def test_adafactor_state_bytes_red_team(dims):
     ada, scalars = adafactor(dims)
     wrong = [ada * 1.004, ada * 0.996,  # inside the old 0.5 %
@@ -206,8 +130,7 @@ def test_adafactor_state_bytes_red_team(dims):
 
 def test_full_finetune_bytes_per_parameter_red_team(dims):
     right = {o: bytes_per_parameter(dims, o) for o in OPTIMIZERS}
-    fake = LyingDict({o: 1.0 for o in OPTIMIZERS})
-    fake.claim = right
+    fake = liar({o: 1.0 for o in OPTIMIZERS}, right)
     wrong = [{o: v * 1.01 for o, v in right.items()}, {**right, "adamw8bit": right["adamw8bit"] + 0.01},
              {**right, "adafactor": right["adafactor"] - 0.01}, {**right, "sgd": right["sgd"] + 0.01},
              {o: v * 8 for o, v in right.items()}, {**right, "adamw": liar(1.0, right["adamw"])},
@@ -218,8 +141,8 @@ def test_full_finetune_bytes_per_parameter_red_team(dims):
 
 def test_optimizer_for_budget_red_team(dims):
     measured = measured_like(dims)
-    wrong = [LyingStr("adamw"), LyingStr("sgd"), "adamw 8bit or adafactor", "adamw_torch", "8bit", ["adamw8bit"],
-             {"optimizer": "adamw8bit"}, True, torch.tensor(1.0)]
+    wrong = [liar("adamw", "adamw8bit"), liar("sgd", "adamw8bit"), "adamw 8bit or adafactor", "adamw_torch", "8bit",
+             ["adamw8bit"], {"optimizer": "adamw8bit"}, True, torch.tensor(1.0)]
     assert_no_points("optimizer_for_budget", wrong, **measured)
     for bad in ({}, {**measured, "peaks": None}, {**measured, "peaks": [1, 2]}, {**measured, "budget": "lots"},
                 {**measured, "perplexity": {"adamw": "low"}}):

@@ -4,16 +4,14 @@ and wrong or cheating answers never get points. The DeepSpeed config is judged b
 import ast
 import copy
 import dataclasses
-import inspect
 import json
-import numbers
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import torch
-from casebook import COURSE, assert_grades, grade, registered
+from casebook import COURSE, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
 from helpers.estimate import Dims
@@ -196,102 +194,26 @@ def test_the_check_leaves_the_answer_and_the_hf_integration_as_they_were():
 # ------------------------------------------------------------------------------------------------
 # Red team: slips just outside the lesson's point, and answers that lie. None may score.
 # ------------------------------------------------------------------------------------------------
-def assert_no_points(name, answers, context=None, **measured):
-    for answer in answers:
-        result = grade(name, answer, context, **measured)
-        assert result.status == FAIL and result.points == 0, (name, answer, result.message)
-
-
-class LyingFloat(float):
-    claim = 0.0
-
-    def __float__(self):
-        return float(self.claim)
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-
-class LyingInt(int):
-    def __index__(self):
-        return 2
-
-    __int__ = __index__
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = int.__hash__
-
-
-class LyingStr(str):
-    def strip(self, *args):
-        return "2"
-
-    def lower(self):
-        return "stage 2"
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = str.__hash__
-
-
-class LyingDict(dict):
-    """Stores one config, shows another to get, [] and items."""
-
-    def get(self, key, default=None):
-        return RIGHT_CONFIG.get(key, default)
-
-    def __getitem__(self, key):
-        return RIGHT_CONFIG[key]
-
-    def items(self):
-        return RIGHT_CONFIG.items()
-
-    def __contains__(self, key):
-        return key in RIGHT_CONFIG
-
-
-class FrameReader:
-    """A "number" registered as numbers.Real that hunts the caller's frames for the target."""
-
-    def __float__(self):
-        for frame in inspect.stack():
-            for key in ("want", "stage"):
-                if isinstance(frame.frame.f_locals.get(key), (int, float)):
-                    return float(frame.frame.f_locals[key])
-        return 0.0
-
-
-numbers.Real.register(FrameReader)
-
-
 def test_zero_stage_choice_red_team():
-    liar = LyingFloat(3.0)
-    liar.claim = 2.0
-    wrong = [3, 1, "3", "stage 3", "ZeRO-3", "zero-1", "ZeRO-2 or 3", "stage 2.5", 2.5, -2, LyingInt(3),
-             LyingStr("stage 3"), liar, FrameReader(), [2], {"stage": 2}, True, "offload"]
+    wrong = [3, 1, "3", "stage 3", "ZeRO-3", "zero-1", "ZeRO-2 or 3", "stage 2.5", 2.5, -2, liar(3, 2),
+             liar("stage 3", "stage 2"), liar(3.0, 2.0), FrameReader("want", "stage"), [2],
+             {"stage": 2}, True, "offload"]
     assert_no_points("zero_stage_choice", wrong, STAGE_CONTEXT)
 
 
 def test_zero2_optimizer_bytes_red_team():
     want = 12 * MID / 2
-    liar = LyingFloat(1.0)
-    liar.claim = want
     wrong = [want * 1.001, want * 0.999, want / 2**20 * 1e6, 8 * MID / 2, 12 * MID, 16 * MID / 2,
              12 * (MID - COURSE.hidden) / 2 - 12 * COURSE.embedding_params / 2,  # the tied embedding forgotten
              12 * dataclasses.replace(COURSE, layers=30).params / 2,  # the full course model, not the runs'
-             liar, FrameReader(), str(want), [want], True]
+             liar(1.0, want), FrameReader("want", "stage"), str(want), [want], True]
     assert_no_points("zero2_optimizer_bytes", wrong, BYTES_CONTEXT)
 
 
 def test_zero2_offload_config_red_team():
-    fake = LyingDict({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    fake = liar({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}, RIGHT_CONFIG)
     wrong = [fake,  # plain() reads what the dict stores
-             {**RIGHT_CONFIG, "zero_optimization": LyingDict({"stage": 0})},
+             {**RIGHT_CONFIG, "zero_optimization": liar({"stage": 0}, RIGHT_CONFIG)},
              zero(offload_optimizer={"device": "cpu"}, stage=1),
              zero(offload_optimizer={"device": "cpu", "buffer_count": -1}),
              zero(offload_optimizer={"device": "CPU"}),
@@ -352,13 +274,7 @@ def test_the_notebooks_scenario_and_model_are_the_checks():
 
 
 def test_the_notebooks_check_calls_pass_only_measurements():
-    calls = {}
-    for cell in notebook().cells:
-        if cell.cell_type == "code" and "check(" in cell.source:
-            for node in ast.walk(ast.parse(cell.source)):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
-                    calls[node.args[0].value] = sorted(k.arg for k in node.keywords)
-    assert calls == {name: [] for name in NAMES}
+    assert check_calls(notebook()) == {name: [] for name in NAMES}
 
 
 def test_the_solutions_answers_pass():

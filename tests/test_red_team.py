@@ -4,11 +4,8 @@ Each case must get no points and no traceback. The per-lesson test files add eac
 wrong answers and the cheats specific to it; tests/test_grade.py attacks the batch grader itself.
 """
 
-import numbers
-import sys
-
 import pytest
-from casebook import grade
+from casebook import Escapes, FrameReader, grade, liar
 
 from helpers.checks import EXERCISES, PASS, _load_lesson_checks, plain
 
@@ -18,129 +15,30 @@ VALUE_EXERCISES = sorted(n for n, ex in EXERCISES.items() if ex.probe is None an
 CODE_EXERCISES = sorted(n for n, ex in EXERCISES.items() if ex.probe is not None and ex.name != "fit_the_budget")
 
 
-def _target_from_the_stack(default=0.0):
-    """What a cheating answer does: look for the check's target in its callers' frames."""
-    frame = sys._getframe(2)
-    while frame:
-        for name, value in frame.f_locals.items():
-            if name in ("target", "want", "expected", "right", "answer") and type(value) in (int, float):
-                return float(value)
-        frame = frame.f_back
-    return default
-
-
-class FrameReader(float):
-    def __float__(self):
-        return _target_from_the_stack()
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = float.__hash__
-
-    def __abs__(self):
-        return 0.0
-
-    def __sub__(self, other):
-        return 0.0
-
-    __rsub__ = __sub__
-
-
-class IntReader(int):
-    def __index__(self):
-        return int(_target_from_the_stack())
-
-    __eq__ = FrameReader.__eq__
-    __hash__ = int.__hash__
-
-
-class RealLiar:
-    """Not a float at all, registered as a real number."""
-
-    __float__ = FrameReader.__float__
-    __eq__ = FrameReader.__eq__
-    __hash__ = object.__hash__
-
-
-numbers.Real.register(RealLiar)
-
-
-class LyingStr(str):
-    def strip(self, *chars):
-        return "activations"
-
-    lower = upper = casefold = strip
-
-    def __eq__(self, other):
-        return True
-
-    __hash__ = str.__hash__
-
-    def __contains__(self, item):
-        return True
-
-
-class LyingDict(dict):
-    def get(self, key, default=None):
-        return _target_from_the_stack(1)
-
-    __getitem__ = get
-
-    def items(self):
-        return [("answer", 1)]
-
-    def __contains__(self, key):
-        return True
-
-
-class LyingList(list):
-    def __iter__(self):
-        return iter([_target_from_the_stack(), _target_from_the_stack()])
-
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, i):
-        return _target_from_the_stack()
-
-
-class Escapes:
-    """An object whose every method raises SystemExit."""
-
-    def __getattr__(self, name):
-        raise SystemExit(0)
-
-    def __float__(self):
-        raise SystemExit(0)
-
-    def __eq__(self, other):
-        raise SystemExit(0)
-
-    __hash__ = object.__hash__
-
-
+# The liars (tests/casebook.py); a FrameReader claim is the check's target, looked for in the callers' frames.
 LIARS = {
-    "float subclass reading the stack": FrameReader(0.0),
-    "int subclass reading the stack": IntReader(0),
-    "registered numbers.Real": RealLiar(),
-    "str subclass whose strip lies": LyingStr("bananas"),
-    "dict subclass whose get/[]/items lie": LyingDict(),
-    "list subclass that lies": LyingList([0, 0]),
-    "tuple of lying floats": (FrameReader(0.0), FrameReader(0.0)),
+    "float subclass reading the stack": liar(0.0, FrameReader()),
+    "int subclass reading the stack": liar(0, FrameReader()),
+    "registered numbers.Real": FrameReader(),
+    "str subclass whose strip lies": liar("bananas", "activations"),
+    "dict subclass whose get/[]/items lie": liar({}, {"answer": FrameReader()}),
+    "list subclass that lies": liar([0, 0], [FrameReader(), FrameReader()]),
+    "tuple of lying floats": (liar(0.0, FrameReader()), liar(0.0, FrameReader())),
     "an object that raises SystemExit": Escapes(),
 }
 
 
 def test_plain_reads_what_is_stored_not_what_methods_say():
-    assert plain(FrameReader(3.0)) == 3.0 and type(plain(FrameReader(3.0))) is float
-    assert plain(IntReader(7)) == 7 and type(plain(IntReader(7))) is int
-    assert plain(LyingStr("bananas")) == "bananas" and type(plain(LyingStr("x"))) is str
-    assert plain(LyingDict(a=2)) == {"a": 2}
-    assert plain(LyingList([1, 2])) == [1, 2]
-    for liar in (RealLiar(), Escapes()):
+    lying_float, lying_int = liar(3.0, FrameReader()), liar(7, FrameReader())
+    assert plain(lying_float) == 3.0 and type(plain(lying_float)) is float
+    assert plain(lying_int) == 7 and type(plain(lying_int)) is int
+    lying_str = liar("bananas", "activations")
+    assert plain(lying_str) == "bananas" and type(plain(lying_str)) is str
+    assert plain(liar({"a": 2}, {"a": FrameReader()})) == {"a": 2}
+    assert plain(liar([1, 2], [FrameReader(), FrameReader()])) == [1, 2]
+    for answer in (FrameReader(), Escapes()):
         with pytest.raises(ValueError):
-            plain(liar)
+            plain(answer)
 
 
 def test_reasonable_forms_become_plain_numbers():
@@ -169,7 +67,7 @@ def _raises_keyboard_interrupt(*args, **kwargs):
 
 
 def _returns_a_liar(*args, **kwargs):
-    return RealLiar()
+    return FrameReader()
 
 
 @pytest.mark.parametrize("name", CODE_EXERCISES)

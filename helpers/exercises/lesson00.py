@@ -7,7 +7,7 @@ learner's variables.
 
 from __future__ import annotations
 
-from ..checks import AnswerError, as_number, close, exercise, human_bytes, ratio_hint
+from ..checks import as_number, as_pair, close, exercise, human_bytes, ratio_hint, trusted_dims
 
 LESSON = "00_where_the_memory_goes"
 
@@ -34,21 +34,11 @@ def _course_context() -> dict:
     return {"dims": course_dims()}
 
 
-def _pair(data) -> tuple[float, float]:
-    """(bf16, nf4) from a pair, or a dict with keys "bf16" and "nf4"."""
-    if isinstance(data, dict):
-        keys = {k.strip().lower(): v for k, v in data.items()}
-        if {"bf16", "nf4"} <= set(keys):
-            data = [keys["bf16"], keys["nf4"]]
-    if not isinstance(data, list) or len(data) != 2:
-        raise AnswerError("give two numbers, `(bf16_bytes, nf4_bytes)`, in bytes.")
-    return as_number(data[0], "bytes for bf16"), as_number(data[1], "bytes for nf4")
-
-
 @exercise("weights_7b", lesson=LESSON, context=lambda: {"params": PARAMS_7B})
 def weights_7b(data, params: float):
     """(bf16 bytes, nf4 bytes) for the weights of a model with ``params`` parameters."""
-    bf16, nf4 = _pair(data)
+    bf16, nf4 = as_pair(data, ("bf16", "nf4"), "give two numbers, `(bf16_bytes, nf4_bytes)`, in bytes.",
+                        ("bytes for bf16", "bytes for nf4"))
     bf16_target = 2 * params
     if not close(bf16, bf16_target, RELATIVE_ROUNDING):
         hint = ratio_hint(bf16, bf16_target, {
@@ -88,20 +78,12 @@ def weights_7b(data, params: float):
                 "them.")
 
 
-def _trusted_dims(dims):
-    from ..estimate import Dims
-
-    if not isinstance(dims, Dims):  # only trusted code supplies the context; a misuse is a bug, said plainly
-        raise TypeError("the context's dims must be a helpers.estimate.Dims")
-    return dims
-
-
 @exercise("adamw_state_bytes", lesson=LESSON, context=_course_context)
 def adamw_state_bytes(data, dims):
     """AdamW's state for the course model, every parameter trained in fp32."""
     from ..estimate import Recipe, trainable_tensors
 
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     value = as_number(data, "a number of bytes")
     params, tensors = d.params, trainable_tensors(d, Recipe())
     target = 8 * params
@@ -146,7 +128,7 @@ def report_prediction(dims) -> dict[str, int]:
     lesson asserts its measurement is within 10 % of this)."""
     from ..estimate import Recipe, predict
 
-    return predict(_trusted_dims(dims), Recipe(batch_size=REPORT_BATCH, seq_len=REPORT_SEQ)).as_dict()
+    return predict(trusted_dims(dims), Recipe(batch_size=REPORT_BATCH, seq_len=REPORT_SEQ)).as_dict()
 
 
 @exercise("largest_category", lesson=LESSON, context=_course_context)
@@ -174,7 +156,7 @@ def largest_category(data, dims):
 @exercise("logits_bytes", lesson=LESSON, context=_course_context)
 def logits_bytes(data, dims):
     """Bytes of the fp32 logits tensor for one batch of 8 x 256 tokens of the course model."""
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     value = as_number(data, "a number of bytes")
     batch, seq = LOGITS_BATCH, LOGITS_SEQ
     target = batch * seq * d.vocab * 4

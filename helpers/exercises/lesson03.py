@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import math
 
-from ..checks import AnswerError, as_number, close, exercise, human_bytes, learner_call, ratio_hint
+from ..checks import (
+    AnswerError,
+    as_number,
+    as_pair,
+    close,
+    exercise,
+    human_bytes,
+    learner_call,
+    ratio_hint,
+    trusted_dims,
+)
 
 LESSON = "03_gradient_checkpointing"
 
@@ -43,14 +53,6 @@ def _course_context() -> dict:
     return {"dims": course_dims(), "batch_size": BATCH, "seq_len": SEQ}
 
 
-def _trusted_dims(dims):
-    from ..estimate import Dims
-
-    if not isinstance(dims, Dims):  # only trusted code supplies the context; a misuse is a bug, said plainly
-        raise TypeError("the context's dims must be a helpers.estimate.Dims")
-    return dims
-
-
 # ------------------------------------------------------------------------------------------------
 # Exercise 1: the activations the decoder blocks keep, with and without checkpointing (predict)
 # ------------------------------------------------------------------------------------------------
@@ -59,14 +61,9 @@ def block_activations(data, dims, batch_size: int = BATCH, seq_len: int = SEQ):
     """(without, with) checkpointing: bytes all decoder blocks keep from forward to backward, fp32."""
     from ..estimate import block_activation_bytes
 
-    d = _trusted_dims(dims)
-    if isinstance(data, dict):
-        keys = {k.strip().lower(): v for k, v in data.items()}
-        if {"without", "with"} <= set(keys):
-            data = [keys["without"], keys["with"]]
-    if not isinstance(data, list) or len(data) != 2:
-        raise AnswerError("give two numbers, `(without_bytes, with_bytes)`, in bytes.")
-    without, with_ = as_number(data[0], "bytes without checkpointing"), as_number(data[1], "bytes with")
+    d = trusted_dims(dims)
+    without, with_ = as_pair(data, ("without", "with"), "give two numbers, `(without_bytes, with_bytes)`, in bytes.",
+                             ("bytes without checkpointing", "bytes with"))
     tokens = batch_size * seq_len
     per_block = block_activation_bytes(d, tokens)
     want_without, want_with = d.layers * per_block, d.layers * tokens * d.hidden * 4
@@ -120,7 +117,7 @@ def checkpointed_peak(data, dims, batch_size: int = BATCH, seq_len: int = SEQ):
     """Peak bytes of one steady-state fp32 AdamW step with checkpointing at ``batch_size`` x ``seq_len``."""
     from ..estimate import Recipe, predict, weight_bytes
 
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     value = as_number(data, "a number of bytes")
     recipe = Recipe(batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True)
     want = predict(d, recipe)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checks import AnswerError, as_config, as_number, exercise, learner_call, ratio_hint
+from ..checks import AnswerError, as_config, as_number, exercise, learner_call, ratio_hint, trusted_dims
 
 LESSON = "04_lora"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -28,14 +28,6 @@ def _course_context() -> dict:
     from ..capstone import course_dims
 
     return {"dims": course_dims()}
-
-
-def _trusted_dims(dims):
-    from ..estimate import Dims
-
-    if not isinstance(dims, Dims):  # only trusted code supplies the context; a misuse is a bug, said plainly
-        raise TypeError("the context's dims must be a helpers.estimate.Dims")
-    return dims
 
 
 def target_for(dims) -> int:
@@ -142,7 +134,7 @@ def covers_every_block(effects: LoraEffects, kind: str) -> bool:
 @exercise("lora_param_count", lesson=LESSON, context=_course_context)
 def lora_param_count(data, dims, rank: int = COUNT_RANK, targets=COUNT_TARGETS):
     """Trainable parameters of ``LoraConfig(r=rank, target_modules=targets)`` on the model of ``dims``."""
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     value = as_number(data, "a number of parameters")
     shapes = d.named_linear_shapes()
     want = d.layers * d.lora_params(rank, targets)
@@ -183,7 +175,7 @@ def lora_param_count(data, dims, rank: int = COUNT_RANK, targets=COUNT_TARGETS):
 def lora_config_exact(data, dims, target: int | None = None):
     """A ``LoraConfig`` on the four attention projections of every block, for a causal LM, with which peft
     trains exactly ``target`` parameters (the lesson's TARGET by default) — judged by applying it."""
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     target = target_for(d) if target is None else target
     effects = lora_effects(data, d)
     kinds = effects.kinds()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from ..checks import AnswerError, as_number, close, exercise, human_bytes, ratio_hint
+from ..checks import AnswerError, as_number, close, exercise, human_bytes, ratio_hint, trusted_dims
 from ..estimate import (
     BNB_BLOCK,
     BNB_MIN_8BIT_SIZE,
@@ -55,21 +55,13 @@ def _preset_context() -> dict:
     return {"dims": Dims.of(reference_config(PRESET)), "recipe": AT_SCALE_QLORA, "budget": BUDGET}
 
 
-def _trusted_dims(dims):
-    from ..estimate import Dims
-
-    if not isinstance(dims, Dims):  # only trusted code supplies the context; a misuse is a bug, said plainly
-        raise TypeError("the context's dims must be a helpers.estimate.Dims")
-    return dims
-
-
 # ------------------------------------------------------------------------------------------------
 # Exercise 1: what prepare_model_for_kbit_training adds to a base loaded in bf16
 # ------------------------------------------------------------------------------------------------
 @exercise("kbit_upcast_bytes", lesson=LESSON, context=_course_context)
 def kbit_upcast_bytes(data, dims):
     """Bytes ``prepare_model_for_kbit_training`` adds to an nf4 model whose other weights were loaded in bf16."""
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     value = as_number(data, "a number of bytes")
     embeddings = d.embedding_params * (1 if d.tied else 2)
     norms = d.unquantized_params - embeddings
@@ -115,7 +107,7 @@ def kbit_upcast_bytes(data, dims):
 def adamw8bit_state_bytes(data, dims, rank: int = EIGHT_BIT_RANK, targets=EIGHT_BIT_TARGETS):
     """Bytes of ``bnb.optim.AdamW8bit`` state for LoRA adapters of ``rank`` on ``targets``; the shared 2 KiB of
     code tables may be counted or left out (the exercise says so), nothing else may differ."""
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     value = as_number(data, "a number of bytes")
     recipe = Recipe(lora_rank=rank, lora_targets=targets, optimizer="adamw8bit")
     want = optimizer_state_bytes(d, recipe)  # with the code tables
@@ -193,7 +185,7 @@ def lora_under_budget(data, dims, recipe: Recipe, budget: int):
     trainable parameters that fit. Judged by applying it with peft to a model of ``dims``' shapes: what peft
     trains must be plain LoRA (one rank, the same layer types in every block, nothing else trainable), the
     form ``predict`` models."""
-    d = _trusted_dims(dims)
+    d = trusted_dims(dims)
     if not isinstance(recipe, Recipe) or type(budget) is not int:
         raise TypeError("the context's recipe must be a Recipe and its budget a number of bytes")
     effects = lora_effects(data, d)
