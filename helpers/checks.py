@@ -38,6 +38,7 @@ import enum
 import html
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -114,8 +115,6 @@ class AnswerError(ValueError):
 # The boundary: answers as plain data
 # ------------------------------------------------------------------------------------------------
 def _numpy_scalar(value):
-    import sys
-
     np = sys.modules.get("numpy")
     if np is None or type(value) not in {np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                                          np.uint32, np.uint64, np.float16, np.float32, np.float64}:
@@ -124,8 +123,6 @@ def _numpy_scalar(value):
 
 
 def _tensor_scalar(value):
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is None or type(value) not in (torch.Tensor, torch.nn.Parameter):
         return None
@@ -137,8 +134,6 @@ def _tensor_scalar(value):
 
 def _config_fields(value):
     """(class name, fields) of the configuration objects answers may be; None for anything else."""
-    import sys
-
     for module, names in (("transformers", ("BitsAndBytesConfig",)), ("peft", ("LoraConfig",))):
         lib = sys.modules.get(module)
         for cls_name in names:
@@ -160,12 +155,8 @@ def plain(value, _depth: int = 0, _budget: list | None = None):
     kind = type(value)
     if value is None or value is Ellipsis:
         return None
-    if kind in (bool, int, str):
+    if kind in (bool, int, float, str):
         return value
-    if kind is float:
-        return value
-    if isinstance(value, bool):  # pragma: no cover (bool cannot be subclassed)
-        return bool(value)
     if isinstance(value, enum.Enum):
         return plain(value.value, _depth + 1, budget)
     if isinstance(value, str):  # a subclass: its characters, not what its methods say
@@ -196,8 +187,6 @@ def plain(value, _depth: int = 0, _budget: list | None = None):
     if config:
         name, fields = config
         return {"__class__": name, **plain(fields, _depth + 1, budget)}
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and type(value) is torch.dtype:
         return str(value).removeprefix("torch.")
