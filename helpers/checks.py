@@ -56,6 +56,7 @@ class CheckResult:
     message: str
     points: float = 0.0
     max_points: float = 1.0
+    answer: object = None  # the plain data judged (None for code answers): recorded beside the output
 
     @property
     def passed(self) -> bool:
@@ -69,7 +70,22 @@ class CheckResult:
                 f"<b>{_SYMBOL[self.status]} {html.escape(self.name)}: {self.status}.</b> "
                 f"{html.escape(self.message[:1].upper() + self.message[1:])}</div>")
 
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        # The answer judged travels in the output's metadata, so a test can look for it on the page above
+        # without executing anything (tests/test_no_answer_on_page.py).
+        data = {"text/plain": str(self), "text/html": self._repr_html_()}
+        return data, {"course_check": {"exercise": self.name, "status": self.status, "answer": self.answer}}
+
     __repr__ = __str__
+
+
+KINDS = {
+    "predict": "predict a number before the lesson measures it",
+    "calculate": "work out a number for a configuration the lesson did not run",
+    "code": "write code that does the technique (judged by what it does)",
+    "diagnose": "given a run that does not fit, choose what to change (each wrong option explained)",
+    "explain": "choose the trade-off the numbers support, and give the number",
+}
 
 
 @dataclass
@@ -81,6 +97,8 @@ class Exercise:
     context: Callable[[], dict] | None = None  # trusted: computed from the lesson's fixed inputs
     measured: tuple[str, ...] = ()  # context names that come from the lesson's own measurements
     probe: Callable | None = None  # code exercises: probe(fn) -> plain data about what fn did
+    kind: str = "calculate"  # one of KINDS
+    tolerance: float = 0.0  # relative: how far from the target a numeric answer may be and still pass
     _cached: dict | None = field(default=None, repr=False)
 
     def trusted_context(self) -> dict:
@@ -93,16 +111,24 @@ EXERCISES: dict[str, Exercise] = {}
 
 
 def exercise(name: str, *, lesson: str, points: float = 1.0, context: Callable[[], dict] | None = None,
-             measured: tuple[str, ...] = (), probe: Callable | None = None):
+             measured: tuple[str, ...] = (), probe: Callable | None = None, kind: str | None = None,
+             tolerance: float = 0.0):
     """Register a judge ``fn(data, **context) -> (passed, message)`` under ``name``.
 
     ``context()``: the judge's other inputs, computed by trusted code from the lesson's fixed inputs.
     ``measured``: names of context values taken from the lesson's measurements (see the module text).
     ``probe(fn)``: for code answers; runs the learner's function on inputs it builds and returns plain
     data about its effects (it must catch ``BaseException`` from the learner's code and say so in the data).
+    ``kind``: one of ``KINDS`` (``"code"`` when there is a probe, else ``"calculate"``, unless given).
+    ``tolerance``: the relative distance from the target at which the judge still passes a number (0: exact);
+    the test that no answer is printed above its exercise uses it.
     """
+    kind = kind or ("code" if probe else "calculate")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}")
+
     def register(fn):
-        EXERCISES[name] = Exercise(name, fn, points, lesson, context, tuple(measured), probe)
+        EXERCISES[name] = Exercise(name, fn, points, lesson, context, tuple(measured), probe, kind, tolerance)
         return fn
     return register
 
@@ -259,7 +285,8 @@ def verdict(name: str, data, measured: dict | None = None, context: dict | None 
         passed, message = False, (f"your answer could not be checked ({type(err).__name__}: {err}). "
                                   "Look at the type the exercise asks for.")
     passed = passed is True
-    return CheckResult(name, PASS if passed else FAIL, str(message), ex.points if passed else 0.0, ex.points)
+    return CheckResult(name, PASS if passed else FAIL, str(message), ex.points if passed else 0.0, ex.points,
+                       None if ex.probe else data)
 
 
 def run_check(name: str, answer=None, **measured) -> CheckResult:
@@ -375,3 +402,56 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{n:,.0f} bytes"
+
+
+# ------------------------------------------------------------------------------------------------
+# A prediction beside the measurement it predicted
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PredictionBeside:
+    exercise: str
+    rows: list  # (label, predicted or None, measured)
+    unit: str
+    note: str = ""
+
+    def lines(self) -> list[str]:
+        if all(p is None for _, p, _ in self.rows):
+            return [f"No prediction yet: fill in `{self.exercise}` above and run it, then run this cell again."]
+        out = []
+        for label, p, m in self.rows:
+            shown = f"{label}: " if label else ""
+            if p is None:
+                out.append(f"{shown}no prediction · measured {m:,.2f} {self.unit}".rstrip())
+                continue
+            off = f" ({(p - m) / m:+.1%})" if m else ""
+            out.append(f"{shown}you predicted {p:,.2f} {self.unit} · measured {m:,.2f} {self.unit}{off}")
+        return out + ([self.note] if self.note else [])
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return "<br>".join(html.escape(line) for line in self.lines())
+
+
+def show_prediction(exercise: str, prediction, measured, *, unit: str = "", note: str = "") -> PredictionBeside:
+    """The learner's prediction for ``exercise`` beside what the lesson measured (same unit, same keys).
+
+    ``prediction`` and ``measured`` are numbers, or dicts of numbers with the same keys. A blank prediction
+    (``None``) gives "no prediction yet", so a student notebook still runs to the end."""
+    try:
+        said = plain(prediction)
+    except AnswerError:
+        said = None
+    if isinstance(measured, dict):
+        said = said if isinstance(said, dict) else {}
+        rows = [(k, _number_or_none(said.get(k)), float(v)) for k, v in measured.items()]
+    else:
+        rows = [("", _number_or_none(said), float(measured))]
+    return PredictionBeside(exercise, rows, unit, note)
+
+
+def _number_or_none(value):
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else None

@@ -4,6 +4,7 @@
     python -m helpers.notebooks check              # exit 1 if anything drifts (tests and CI)
     python -m helpers.notebooks execute [03 ...]   # re-run solutions in place (outputs kept), then build
     python -m helpers.notebooks badges             # the "Open in Colab" badge of each lesson, for README.md
+    python -m helpers.notebooks leaks [03 ...]     # exercises whose answer is on the page above them
 
 A solution notebook is the finished lesson with its outputs. Solution code sits between a line
 ``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` (the nbgrader convention); markdown answers sit
@@ -19,7 +20,10 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import html
+import math
 import os
+import re
 import sys
 import textwrap
 from fnmatch import fnmatch
@@ -321,6 +325,107 @@ def execute(path, timeout: int = 900, cwd=None):
     return nb
 
 
+# ------------------------------------------------------------------------------------------------
+# No answer on the page: what an exercise's check judged must not be readable above the exercise
+# ------------------------------------------------------------------------------------------------
+# A printed number answers an exercise if, read in any of these units, it is within the exercise's own
+# tolerance of the answer (bytes printed in KiB, MiB, GiB, kB, MB or GB; a fraction printed in %).
+UNITS = (1, 2**10, 2**20, 2**30, 1e3, 1e6, 1e9, 1e-2)
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+# Small whole numbers (a batch size, a stage, a rank) are on every page; an exercise whose answer is one
+# is a choice, kept honest by where it sits (before the cells that would decide it), not by this scan.
+SMALL = 100
+MIN_LINE = 12  # solution lines shorter than this (``return x``) say nothing about the answer
+
+
+def _cell_text(cell) -> str:
+    """What a reader sees of a cell: its markdown, or its outputs (text, with HTML tags removed)."""
+    if cell.cell_type == "markdown":
+        return cell.source
+    parts = []
+    for out in cell.get("outputs", []):
+        if "text" in out:
+            parts.append(out["text"])
+        data = out.get("data", {})
+        for mime in ("text/plain", "text/markdown", "text/html", "text/latex"):
+            if mime in data:
+                text = data[mime]
+                parts.append(html.unescape(re.sub(r"<[^>]+>", " ", text)) if mime == "text/html" else text)
+    return "\n".join(parts)
+
+
+def _numbers(text: str) -> set[float]:
+    return {float(m.replace(",", "")) for m in NUMBER.findall(text)}
+
+
+def _leaves(data) -> list[float]:
+    """The numbers in an answer worth looking for: not booleans, not small whole numbers."""
+    if isinstance(data, dict):
+        return [x for k, v in data.items() if k != "__class__" for x in _leaves(v)]
+    if isinstance(data, list):
+        return [x for v in data for x in _leaves(v)]
+    if type(data) in (int, float) and math.isfinite(data) and not (data == int(data) and abs(data) < SMALL):
+        return [abs(float(data))]
+    return []
+
+
+def _printed_as(value: float, printed: set[float], tolerance: float) -> float | None:
+    for number in printed:
+        for unit in UNITS:
+            if abs(number * unit - value) <= max(tolerance, 1e-12) * value:
+                return number
+    return None
+
+
+def _code_lines(region: str) -> list[str]:
+    """A solution region's statements, whitespace removed, right-hand sides of assignments only."""
+    lines = []
+    for line in region.split("\n"):
+        line = line.split("#", 1)[0].strip()
+        match = re.match(r"^[A-Za-z_][\w.]*\s*=(?!=)\s*(.+)$", line)
+        line = re.sub(r"\s+", "", match.group(1) if match else line)
+        if len(line) >= MIN_LINE:
+            lines.append(line)
+    return lines
+
+
+def answers_on_the_page(solution, student, name: str = "notebook") -> list[str]:
+    """Why each exercise of an executed solution notebook can be answered from the page above it.
+
+    Numbers: the answer each check judged (recorded in its output's metadata when the solution ran) must
+    not be printed, within the exercise's tolerance, in any markdown or output above the exercise cell.
+    Code: the solution region's statements must not all appear in the student notebook above it."""
+    from helpers.checks import EXERCISES, _load_lesson_checks
+
+    _load_lesson_checks()
+    found = []
+    exercise_at = exercise_cells(solution, name)
+    for index, cell in enumerate(solution.cells):
+        if cell.cell_type != "code":
+            continue
+        for out in cell.get("outputs", []):
+            record = out.get("metadata", {}).get("course_check")
+            if not record or record["exercise"] not in EXERCISES:
+                continue
+            ex = EXERCISES[record["exercise"]]
+            start = max((i for i in exercise_at if i <= index), default=index)  # the cell the answer is in
+            printed = _numbers("\n".join(_cell_text(c) for c in solution.cells[:start]))
+            for value in _leaves(record["answer"]):
+                hit = _printed_as(value, printed, ex.tolerance)
+                if hit is not None:
+                    found.append(f"{name}: {ex.name}'s answer {value:,.6g} is printed above it as {hit:,.6g} "
+                                 f"(within its tolerance of {ex.tolerance:.2%})")
+    regions = solution_regions(solution, name)
+    for index, region in regions:
+        if solution.cells[index].cell_type != "code":
+            continue
+        lines = _code_lines(region)
+        above = re.sub(r"\s+", "", "\n".join(c.source for c in student.cells[:index]))
+        if lines and all(line in above for line in lines):
+            found.append(f"{name}: the solution of cell {index} appears verbatim above it in the student notebook")
+    return found
+
+
 def _select(solutions_dir: Path, names: list[str]) -> list[Path]:
     """Solutions matching NAMES: '03', '03_lora', '03_lora.ipynb' or a path; all of them if none."""
     every = sorted(solutions_dir.glob(PATTERN))
@@ -338,8 +443,8 @@ def _select(solutions_dir: Path, names: list[str]) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.notebooks", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["build", "check", "execute", "badges"])
-    parser.add_argument("names", nargs="*", help="execute only: lessons to run, e.g. 03 or 03_lora")
+    parser.add_argument("command", choices=["build", "check", "execute", "badges", "leaks"])
+    parser.add_argument("names", nargs="*", help="execute and leaks: lessons, e.g. 03 or 03_lora")
     parser.add_argument("--timeout", type=int, default=900, help="execute only: seconds per cell")
     args = parser.parse_args(argv)
     solutions, notebooks = ROOT / "solutions", ROOT / "notebooks"
@@ -351,6 +456,11 @@ def main(argv=None) -> int:
         for path in sorted(solutions.glob(PATTERN)):
             print(f"{path.stem}: {colab_badge(path.name)}")
         return 0
+    if args.command == "leaks":
+        found = [leak for path in _select(solutions, args.names)
+                 for leak in answers_on_the_page(_read(path), student_version(_read(path), path.name), path.name)]
+        print("\n".join(found) or "no exercise's answer is on the page above it")
+        return 1 if found else 0
     if args.command == "check":
         drift = build(solutions, notebooks, check=True)
         if drift:
