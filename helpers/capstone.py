@@ -33,9 +33,14 @@ In every step the referee also checks that
 
 The first step that breaks a rule ends the run; the ``Attempt``'s ``problems`` say why. Held-out perplexity
 is measured again after the last step. ``judge`` turns what was measured into the verdict: the peak must be
-within ``budget`` and the held-out perplexity after the fine-tune at most ``quality`` times the pretrained
-fp32 model's (so the fine-tune must learn something real, and a 4-bit base must more than make up what
-quantization cost). The exercise's grader calls ``judge`` itself, with its own budget and reference.
+within ``budget`` (two tiers: ``WORKLOAD``, 500 MiB, and ``TIGHT_WORKLOAD``, 220 MiB, the same job) and the
+held-out perplexity after the job at most ``quality`` (1.03) times what naive full fine-tuning reaches after the
+same steps on the same batches. That reference is measured once by the same referee (``compute_reference``,
+fixed batches and seed) and shipped in ``capstone_reference.json``; ``python -m helpers.capstone --reference``
+rewrites it and tests/test_capstone_reference.py (slow) recomputes it. Every recipe the course tried beats the
+pretrained model after six steps, so a bar relative to the pretrained model would test nothing; this one fails
+a recipe that fits but adapts too little of the model. The exercises' grader calls ``judge`` itself, with its
+own workload and reference.
 
 What an in-process referee cannot rule out: code written to attack it (reaching its private state, or the
 report it returns, through the interpreter). The batch grader runs each recipe in a separate short-lived
@@ -53,7 +58,8 @@ import sys
 import threading
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -86,8 +92,9 @@ class Workload:
     seq_len: int = 128
     steps: int = 6  # optimizer steps of the short fine-tune, every one measured
     budget: int = 500 * MiB  # peak tensor bytes of a training step (the largest over all steps)
-    quality: float = 0.9  # held-out perplexity after <= quality x the pretrained fp32 model's
+    quality: float = 1.03  # held-out perplexity after <= quality x the full fine-tune's after the same steps
     eval_chunks: int = 16  # held-out chunks of 128 tokens for perplexity
+    seed: int = 0  # torch's seed when the recipe is built (LoRA's random init): the same run every time
 
     def __post_init__(self):
         if self.steps < 2:
@@ -98,13 +105,26 @@ class Workload:
         """The training batches, one per step: the same for every recipe."""
         return [corpus.train_batch(self.batch_size, self.seq_len, step=i) for i in range(self.steps)]
 
+    def job(self) -> dict:
+        """What decides the training run and its perplexities (not the budget nor the bar): the reference's key."""
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "steps": self.steps,
+                "eval_chunks": self.eval_chunks, "seed": self.seed}
+
     def __str__(self) -> str:
         return (f"{self.steps} optimizer steps of {self.batch_size} x {self.seq_len} tokens; budget "
-                f"{self.budget / MiB:,.0f} MiB for the peak of every step; held-out perplexity at most "
-                f"{self.quality:g} x the pretrained model's")
+                f"{self.budget / MiB:,.0f} MiB for the peak of every step; held-out perplexity after the steps at "
+                f"most {self.quality:g} x the full fine-tune's after the same steps")
 
 
-WORKLOAD = Workload()
+WORKLOAD = Workload()  # the capstone's first tier
+TIGHT_WORKLOAD = replace(WORKLOAD, budget=220 * MiB)  # the second: the same job in 220 MiB
+
+# The reference the quality bar is relative to: naive full fine-tuning (fp32 weights, every parameter, torch's
+# AdamW at FULL_FINETUNE_LR, the whole batch in one pass) run by the referee on the same job, once, with the
+# job's seed. Shipped in REFERENCE_PATH (``python -m helpers.capstone --reference`` rewrites it;
+# tests/test_capstone_reference.py recomputes it, marked slow).
+FULL_FINETUNE_LR = 5e-5
+REFERENCE_PATH = Path(__file__).with_name("capstone_reference.json")
 
 
 class RecipeError(ValueError):
@@ -141,18 +161,109 @@ def course_dims() -> Dims:
 
 
 # ------------------------------------------------------------------------------------------------
+# The reference run: naive full fine-tuning on the same job, measured once and shipped
+# ------------------------------------------------------------------------------------------------
+def naive_recipe():
+    """Naive full fine-tuning: the fp32 course model, every parameter trained by torch's AdamW at
+    ``FULL_FINETUNE_LR``, the whole batch in one forward and backward. What the quality bar is relative to,
+    and what each tier's peak is compared with; over every budget (about 3.4 GiB)."""
+    from .models import load_model
+    from .train import make_train_step
+
+    model = load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=FULL_FINETUNE_LR)
+
+    def step(batch):
+        return make_train_step(model, optimizer, batch)()
+    return model, optimizer, step
+
+
+def compute_reference(workload: Workload = WORKLOAD) -> dict:
+    """Run ``naive_recipe`` through the referee on ``workload``'s job and return what REFERENCE_PATH holds
+    (deterministic: the job's fixed batches and seed, and nothing random in the recipe; several minutes on a
+    2-core CPU, and about 4 GiB of memory)."""
+    import platform
+
+    import transformers
+
+    run = attempt(naive_recipe, workload, name="naive full fine-tune", reference=False)
+    if run.problems or run.ppl_end is None:
+        raise RuntimeError(f"the reference run broke a rule: {run.problems}")
+    return {
+        "what": WHAT,
+        "how": HOW,
+        "provenance": f"measured by helpers.capstone.compute_reference on {platform.machine()}, "
+                      f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+                      f"transformers {transformers.__version__}",
+        "job": workload.job(),
+        "recipe": REFERENCE_RECIPE,
+        "ppl_pretrained": run.ppl_start,  # the naive recipe's model is the pretrained fp32 course model
+        "ppl_full_finetune": run.ppl_end,
+        "naive_peak": run.peak,
+        "naive_peak_step": {c: int(getattr(run.report, c)) for c in CATEGORIES},
+        "seconds_per_step": run.seconds_per_step,
+        "trainable": run.trainable,
+        "steps": run.facts()["steps"],
+    }
+
+
+WHAT = ("held-out perplexity of the course model after the capstone's job done by naive full fine-tuning "
+        "(helpers.capstone.naive_recipe) and measured by helpers.capstone.attempt: ppl_pretrained before the first "
+        "step, ppl_full_finetune after the last; the quality bar of every tier is relative to ppl_full_finetune. "
+        "naive_peak (bytes) is the largest step's peak, naive_peak_step its breakdown, what each tier's peak is "
+        "compared with.")
+HOW = ("python -m helpers.capstone --reference rewrites this file; tests/test_capstone_reference.py recomputes it "
+       "and compares (marked slow)")
+REFERENCE_RECIPE = {"weights": "fp32", "trainable": "every parameter", "optimizer": "torch.optim.AdamW",
+                    "lr": FULL_FINETUNE_LR, "accumulation_steps": 1}
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped(workload: Workload) -> dict:
+    import json
+
+    data = json.loads(REFERENCE_PATH.read_text())
+    if data.get("job") != workload.job():
+        raise ValueError(f"{REFERENCE_PATH.name} was measured on the job {data.get('job')}, not {workload.job()}: "
+                         "run python -m helpers.capstone --reference to measure this one")
+    return data
+
+
+def load_reference(workload: Workload = WORKLOAD) -> dict:
+    """The judge's reference for ``workload``'s job, from the shipped file: the pretrained model's held-out
+    perplexity, the full fine-tune's after the same steps, and the naive run's peak (bytes)."""
+    data = _shipped(workload)
+    return {"ppl_pretrained": float(data["ppl_pretrained"]), "ppl_full_finetune": float(data["ppl_full_finetune"]),
+            "naive_peak": int(data["naive_peak"])}
+
+
+def reference_run(workload: Workload = WORKLOAD) -> Attempt:
+    """The shipped reference run as an ``Attempt``, for tables: its largest step's peak by category, the
+    perplexities before and after, the time per step (``reports`` holds that one step: the file keeps the peak
+    step's breakdown)."""
+    data = _shipped(workload)
+    return Attempt("naive: fp32 full fine-tune, AdamW", workload,
+                   [MemoryReport(**{c: int(data["naive_peak_step"][c]) for c in CATEGORIES})],
+                   float(data["ppl_pretrained"]), float(data["ppl_full_finetune"]), load_reference(workload), [],
+                   [float(data["seconds_per_step"])], int(data["trainable"]))
+
+
+# ------------------------------------------------------------------------------------------------
 # The verdict: from measured facts (plain data), a budget and a reference perplexity
 # ------------------------------------------------------------------------------------------------
 def step_peak(step: dict) -> int:
     return sum(step[c] for c in CATEGORIES)
 
 
-def judge(facts: dict, workload: Workload, ppl_pretrained: float) -> tuple[bool, str]:
+def judge(facts: dict, workload: Workload, reference: dict) -> tuple[bool, str]:
     """(passed, feedback) for what ``attempt`` measured (``Attempt.facts()``): the rules first, then the budget
-    (the largest peak of any step), then quality, with what to change. ``workload`` and ``ppl_pretrained`` are
-    the judge's own: the grader passes the lesson's, never numbers the recipe's process reported."""
+    (the largest peak of any step), then quality, with what to change. ``workload`` and ``reference`` (the
+    pretrained model's perplexity, the full fine-tune's after the same steps, the naive run's peak: see
+    ``load_reference``) are the judge's own: the grader passes the lesson's, never numbers the recipe's process
+    reported."""
     if facts.get("error"):
         return False, facts["error"]
+    ppl_pretrained, full = reference["ppl_pretrained"], reference["ppl_full_finetune"]
     problems = list(facts["problems"])
     steps = facts["steps"]
     if facts["ppl_start"] < 0.97 * ppl_pretrained:
@@ -168,19 +279,21 @@ def judge(facts: dict, workload: Workload, ppl_pretrained: float) -> tuple[bool,
                        "learning rate (adapters take about 1e-3, full fine-tuning about 5e-5), or compute in fp32.")
     worst = max(range(len(steps)), key=lambda i: step_peak(steps[i]))
     report = MemoryReport(**{c: steps[worst][c] for c in CATEGORIES})
-    target = workload.quality * ppl_pretrained
-    summary = (f"peak {report.peak / MiB:,.1f} MiB of the {workload.budget / MiB:,.0f} MiB budget, in step {worst + 1} "
-               f"of {len(steps)}, every step measured ({_breakdown(report)}); held-out perplexity "
-               f"{facts['ppl_start']:.2f} -> {facts['ppl_end']:.2f} after {len(steps)} steps (target {target:.2f} = "
-               f"{workload.quality:g} x the pretrained model's {ppl_pretrained:.2f}); "
-               f"{facts['seconds_per_step']:.1f} s per step.")
+    target = workload.quality * full
+    summary = (f"peak {report.peak / MiB:,.1f} MiB of the {workload.budget / MiB:,.0f} MiB budget "
+               f"({reference['naive_peak'] / report.peak:.1f} x smaller than naive fp32 AdamW full fine-tuning's "
+               f"{reference['naive_peak'] / MiB:,.0f} MiB), in step {worst + 1} of {len(steps)}, every step measured "
+               f"({_breakdown(report)}); held-out perplexity {facts['ppl_start']:.2f} -> {facts['ppl_end']:.2f} after "
+               f"{len(steps)} steps, {facts['ppl_end'] / full:.3f} x the full fine-tune's {full:.2f} after the same "
+               f"steps (at most {workload.quality:g} x = {target:.2f}); {facts['seconds_per_step']:.1f} s per step.")
     if report.peak > workload.budget:
         over = (report.peak - workload.budget) / MiB
         return False, f"{summary} Over budget by {over:,.1f} MiB. {over_budget_advice(report, workload.budget)}"
     if facts["ppl_end"] > target:
-        return False, (f"{summary} It fits, but the model did not learn enough: raise the learning rate (adapters "
-                       "take about 1e-3, full fine-tuning about 5e-5), give LoRA more targets or rank, or keep "
-                       "more precision in the base (int8 loses less than nf4).")
+        return False, (f"{summary} It fits, but it did not learn enough: give LoRA more of the model to adapt (more "
+                       "target modules, or a higher rank), raise the learning rate (adapters take about 1e-3 to "
+                       "2e-3, full fine-tuning about 5e-5), or keep more precision in the base (int8 loses less than "
+                       "nf4).")
     return True, summary
 
 
@@ -193,7 +306,7 @@ class Attempt:
     reports: list[MemoryReport]  # every step's peak by category, in order (the run stops at a broken rule)
     ppl_start: float  # held-out perplexity of the built model, before any step
     ppl_end: float | None  # ... after the last step (None when a broken rule ended the run)
-    ppl_pretrained: float | None  # the pretrained fp32 course model's (None when not measured: the grader has its own)
+    reference: dict | None  # the judge's reference (``load_reference``; None when not loaded: the grader has its own)
     losses: list[float]
     seconds: list[float]  # wall time of every step, the meter's bookkeeping included
     trainable: int  # trainable parameters
@@ -220,7 +333,7 @@ class Attempt:
 
     @property
     def target(self) -> float:
-        return self.workload.quality * self.ppl_pretrained
+        return self.workload.quality * self.reference["ppl_full_finetune"]
 
     @property
     def good_enough(self) -> bool:
@@ -237,12 +350,15 @@ class Attempt:
                 "trainable": int(self.trainable),
                 "problems": [str(p) for p in self.problems]}
 
-    def verdict(self) -> tuple[bool, str]:
-        """(passed, feedback): the rules first, then the budget, then quality, with what to change."""
-        if self.ppl_pretrained is None:
-            raise ValueError("this attempt did not measure the pretrained model's perplexity: use judge(facts, "
-                             "workload, ppl_pretrained)")
-        return judge(self.facts(), self.workload, self.ppl_pretrained)
+    def verdict(self, workload: Workload | None = None) -> tuple[bool, str]:
+        """(passed, feedback): the rules first, then the budget, then quality, with what to change; against
+        ``workload``'s budget and bar when given (another tier of the same job), else the run's own."""
+        workload = workload or self.workload
+        if workload.job() != self.workload.job():
+            raise ValueError("a run can be judged only against a tier of the job it ran")
+        if self.reference is None:
+            raise ValueError("this attempt did not load the reference: use judge(facts, workload, reference)")
+        return judge(self.facts(), workload, self.reference)
 
     def row(self) -> dict:
         """One row of a comparison table (MiB, perplexity, seconds)."""
@@ -250,6 +366,14 @@ class Attempt:
                 "peak MiB": self.peak / MiB, "trainable parameters": self.trainable,
                 "perplexity before": self.ppl_start, "perplexity after": self.ppl_end,
                 "s per step": self.seconds_per_step, "fits": self.fits, "quality met": self.good_enough}
+
+    def tier_row(self) -> dict:
+        """Peak, the ratio to naive full fine-tuning's, perplexity against the bar, time: one row per tier."""
+        naive, full = self.reference["naive_peak"], self.reference["ppl_full_finetune"]
+        return {"peak MiB": self.peak / MiB, "naive / peak (x)": naive / self.peak,
+                "perplexity after": self.ppl_end, "/ full fine-tune's (x)": (self.ppl_end or math.nan) / full,
+                "/ pretrained (x)": (self.ppl_end or math.nan) / self.reference["ppl_pretrained"],
+                "s per step": self.seconds_per_step}
 
 
 def _breakdown(report: MemoryReport) -> str:
@@ -648,12 +772,13 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, refe
     corpus = copy.deepcopy(course_corpus())
     batches = workload.batches(corpus)
     expected = [b["input_ids"].clone() for b in batches]
-    ppl_pretrained = pretrained_perplexity(workload.eval_chunks) if reference else None
+    judged_against = load_reference(workload) if reference else None
     dims = course_dims()
     code = _code_snapshot()
     threads_before = set(sys._current_frames())
     children_before = _children()
 
+    torch.manual_seed(workload.seed)  # LoRA's random init: the same run every time
     model, optimizer, step = _unpack(_learner("your function", recipe))
     if not isinstance(model, torch.nn.Module):
         raise RecipeError("the first thing returned must be the model (a torch.nn.Module); got "
@@ -776,4 +901,27 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, refe
     ppl_end = None if problems else heldout_perplexity(model, corpus, max_chunks=workload.eval_chunks)
     name = name or (recipe.__name__ if isinstance(recipe, types.FunctionType) else "recipe")
     return Attempt(name, workload, reports, ppl_start, ppl_end,
-                   ppl_pretrained, losses, seconds, sum(p.numel() for p in trainable.values()), problems)
+                   judged_against, losses, seconds, sum(p.numel() for p in trainable.values()), problems)
+
+
+def main(argv=None) -> int:
+    """``python -m helpers.capstone --reference``: measure the reference run and write REFERENCE_PATH."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.capstone", description=main.__doc__)
+    parser.add_argument("--reference", action="store_true", help="measure the full fine-tune and write the file")
+    parser.add_argument("--out", default=str(REFERENCE_PATH))
+    args = parser.parse_args(argv)
+    if not args.reference:
+        parser.print_help()
+        return 2
+    data = compute_reference(WORKLOAD)
+    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{args.out}: full fine-tune held-out perplexity {data['ppl_pretrained']:.3f} -> "
+          f"{data['ppl_full_finetune']:.3f}; naive peak {data['naive_peak'] / MiB:,.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

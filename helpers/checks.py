@@ -423,7 +423,7 @@ class PredictionBeside:
             if p is None:
                 out.append(f"{shown}no prediction · measured {m:,.2f} {self.unit}".rstrip())
                 continue
-            off = f" ({(p - m) / m:+.1%})" if m else ""
+            off = f" ({round((p - m) / m, 3) + 0.0:+.1%})" if m else ""  # + 0.0: no "-0.0 %"
             out.append(f"{shown}you predicted {p:,.2f} {self.unit} · measured {m:,.2f} {self.unit}{off}")
         return out + ([self.note] if self.note else [])
 

@@ -92,14 +92,16 @@ def hardware_check() -> HardwareCheck:
     cpu_amx = "amx_tile" in flags or "amx_bf16" in flags
     if torch.cuda.is_available():
         cc = torch.cuda.get_device_capability(0)
+        # Native bf16 only: torch's default also says True on a T4, which emulates it slowly.
         check = HardwareCheck(cuda=True, gpu_name=torch.cuda.get_device_name(0), compute_capability=cc,
-                              bf16=torch.cuda.is_bf16_supported(), fp16_training=True, cpu_bf16=cpu_bf16,
-                              cpu_amx=cpu_amx, bitsandbytes=_bitsandbytes())
+                              bf16=torch.cuda.is_bf16_supported(including_emulation=False), fp16_training=True,
+                              cpu_bf16=cpu_bf16, cpu_amx=cpu_amx, bitsandbytes=_bitsandbytes())
         if cc < (7, 0):
             check.notes.append("This GPU predates tensor cores (compute capability < 7.0): 16-bit saves memory "
                                "but is not faster.")
         elif not check.bf16:
-            check.notes.append("No bf16 on this GPU (a T4 or V100): use fp16 with a gradient scaler.")
+            check.notes.append("No native bf16 on this GPU (a T4 or V100: emulated, slow): use fp16 with a "
+                               "gradient scaler.")
         return check
     return HardwareCheck(cuda=False, gpu_name=None, compute_capability=None, bf16=True, fp16_training=False,
                          cpu_bf16=cpu_bf16, cpu_amx=cpu_amx, bitsandbytes=_bitsandbytes(),

@@ -354,8 +354,13 @@ def _cell_text(cell) -> str:
     return "\n".join(parts)
 
 
-def _numbers(text: str) -> set[float]:
-    return {float(m.replace(",", "")) for m in NUMBER.findall(text)}
+def _numbers(text: str) -> set[tuple[float, bool]]:
+    """(number, whether it may be in another unit): a small whole number ("4 blocks") is only itself."""
+    found = set()
+    for match in NUMBER.findall(text):
+        number = float(match.replace(",", ""))
+        found.add((number, "." in match or "e" in match.lower() or number >= SMALL))
+    return found
 
 
 def _leaves(data) -> list[float]:
@@ -369,9 +374,9 @@ def _leaves(data) -> list[float]:
     return []
 
 
-def _printed_as(value: float, printed: set[float], tolerance: float) -> float | None:
-    for number in printed:
-        for unit in UNITS:
+def _printed_as(value: float, printed: set[tuple[float, bool]], tolerance: float) -> float | None:
+    for number, scalable in printed:
+        for unit in UNITS if scalable else (1,):
             if abs(number * unit - value) <= max(tolerance, 1e-12) * value:
                 return number
     return None

@@ -6,9 +6,10 @@ import pytest
 from casebook import COURSE, TINY, FrameReader, RealLiar, assert_grades, assert_no_points, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, check, run_check
-from helpers.estimate import Recipe, predict
+from helpers.estimate import Dims, Recipe, predict
 from helpers.exercises import lesson00
 from helpers.memory import MemoryReport
+from helpers.models import reference_config
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
@@ -16,9 +17,12 @@ P7 = 7e9
 NF4_CODES, NF4_ABSMAX, NF4_DOUBLE = P7 * 0.5, P7 * (0.5 + 4 / 64), P7 * (0.5 + 1 / 64 + 4 / (64 * 256))
 
 
+B, T = lesson00.LOGITS_BATCH, lesson00.LOGITS_SEQ  # exercise 4: Llama-3-8B's logits for 8 x 1,024 tokens
+
+
 def cases(d):
     p = d.params
-    logits = 8 * 256 * d.vocab * 4
+    logits = B * T * d.vocab * 4
     ctx = {"dims": d}
     return {
         # name: (right answer, context, [wrong answers, each with a word the hint must contain])
@@ -34,10 +38,10 @@ def cases(d):
                              [("optimizer", "another category"), ("weights", "another category"),
                               ("bananas", "one of"), (3, "string")]),
         "logits_bytes": (logits, ctx,
-                         [(logits / 4, "elements"), (4 * 128 * d.vocab * 4, "4 x 128"),
-                          (8 * 256 * d.hidden * 4, "hidden size"), (256 * d.vocab * 4, "batch size"),
-                          (8 * 255 * d.vocab * 4, "every position"), (logits / 2**20, "MiB"),
-                          (logits * 3, "three")]),
+                         [(logits / 4, "elements"), (logits / 2, "2 bytes"), (B * T * d.hidden * 4, "hidden size"),
+                          (T * d.vocab * 4, "batch size"), (B * (T - 1) * d.vocab * 4, "every position"),
+                          (logits / 2**20, "MiB"), (logits / 2**30, "GiB"), (logits * 3, "three"),
+                          (logits * 8, "bits")]),
     }
 
 
@@ -115,11 +119,19 @@ def test_largest_category_red_team(dims):
 
 def test_largest_category_is_clear_in_the_lessons_prediction():
     """The trusted answer comes from predict() at batch 8 x 128 (the lesson asserts its measurement is within
-    10 % of it): the largest category must beat the next by more than that."""
+    10 % of it): the largest category must beat the next by more than that. And it is a prediction, not a
+    reading: at the lesson's measured 4 x 128 another category is the largest."""
     sizes = predict(COURSE, Recipe(batch_size=8, seq_len=128)).as_dict()
     first, second = sorted(sizes.values(), reverse=True)[:2]
     assert max(sizes, key=sizes.get) == "activations"
     assert first > 1.25 * second
+    measured_before = predict(COURSE, Recipe(batch_size=4, seq_len=128)).as_dict()
+    assert max(measured_before, key=measured_before.get) == "optimizer"
+
+
+def test_largest_category_hints_at_what_grows_with_the_batch():
+    message = grade("largest_category", "optimizer", {"dims": COURSE}).message
+    assert "4 x 128" in message and "batch" in message
 
 
 def test_largest_category_takes_no_report_from_the_learner():
@@ -130,11 +142,25 @@ def test_largest_category_takes_no_report_from_the_learner():
 
 def test_logits_bytes_red_team(dims):
     ctx = {"dims": dims}
-    target = 8 * 256 * dims.vocab * 4
-    wrong = [target + 1, target - 4, target * 1.0001, 8 * 256 * (dims.vocab + 1) * 4, 8 * 256 * dims.vocab * 2,
-             8 * 128 * dims.vocab * 4, 8 * 256 * dims.vocab * 4 / 1e6, LYING_FLOAT, REAL_LIAR, FrameReader(),
+    target = B * T * dims.vocab * 4
+    wrong = [target + 1, target - 4, target * 1.0001, B * T * (dims.vocab + 1) * 4, B * T * dims.vocab * 2,
+             B * (T // 2) * dims.vocab * 4, target / 1e6, LYING_FLOAT, REAL_LIAR, FrameReader(),
              str(target), [target], True]
     assert_no_points("logits_bytes", wrong, ctx)
+
+
+LLAMA3 = Dims.of(reference_config("llama-3-8b"))
+
+
+def test_logits_bytes_is_for_a_model_the_lesson_does_not_run():
+    """Llama-3-8B's 128,256-token vocabulary: the lesson's formula with the course model's numbers fails."""
+    assert (LLAMA3.vocab, LLAMA3.tied) == (128_256, False)
+    ctx = {"dims": LLAMA3}
+    assert grade("logits_bytes", B * T * 128_256 * 4, ctx).status == PASS
+    assert "course model's vocabulary" in grade("logits_bytes", B * T * COURSE.vocab * 4, ctx).message
+    # the lesson's own batches with either vocabulary
+    assert_no_points("logits_bytes", [4 * 128 * COURSE.vocab * 4, 8 * 256 * COURSE.vocab * 4,
+                                      4 * 128 * LLAMA3.vocab * 4, 8 * 128 * LLAMA3.vocab * 4], ctx)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,10 +168,26 @@ def test_logits_bytes_red_team(dims):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_trusted_context_is_the_course_config():
-    for name in ("adamw_state_bytes", "largest_category", "logits_bytes"):
+    for name in ("adamw_state_bytes", "largest_category"):
         assert EXERCISES[name].trusted_context() == {"dims": COURSE}, name
+    assert EXERCISES["logits_bytes"].trusted_context() == {"dims": LLAMA3}
     assert EXERCISES["weights_7b"].trusted_context() == {"params": 7e9}
     assert EXERCISES["adamw_state_bytes"].measured == ()  # nothing is taken from the learner's namespace
+
+
+def test_every_exercise_states_its_kind_and_a_tolerance_its_judge_keeps():
+    kinds = {name: EXERCISES[name].kind for name in registered("00")}
+    assert kinds == {"weights_7b": "calculate", "adamw_state_bytes": "predict", "largest_category": "predict",
+                     "logits_bytes": "calculate"}
+    d = COURSE
+    p = d.params
+    tol = EXERCISES["adamw_state_bytes"].tolerance
+    assert tol == lesson00.ADAMW_TOLERANCE > 0
+    assert grade("adamw_state_bytes", 8 * p * (1 + 2 * tol), {"dims": d}).status == FAIL  # outside: never passes
+    assert EXERCISES["logits_bytes"].tolerance == 0
+    tol = EXERCISES["weights_7b"].tolerance
+    assert grade("weights_7b", (14e9, 3.5e9 * (1 + tol / 2))).status == PASS
+    assert grade("weights_7b", (14e9, 3.5e9 * (1 + 2 * tol))).status == FAIL
 
 
 def test_the_solutions_answers_pass():
@@ -155,10 +197,10 @@ def test_the_solutions_answers_pass():
         "weights_7b": (7e9 * 2, 7e9 * (0.5 + 4 / 64)),
         "adamw_state_bytes": 2 * 4 * n_params,
         "largest_category": "activations",
-        "logits_bytes": 8 * 256 * d.vocab * 4,
+        "logits_bytes": 8 * 1024 * LLAMA3.vocab * 4,
     }
     for name, answer in answers.items():
-        result = grade(name, answer, None if name == "weights_7b" else {"dims": d})
+        result = grade(name, answer, {"weights_7b": None, "logits_bytes": {"dims": LLAMA3}}.get(name, {"dims": d}))
         assert result.status == PASS, (name, result.message)
 
 
@@ -173,8 +215,10 @@ def test_solution_check_calls_pass_no_learner_values():
                      'check("adamw_state_bytes", adamw_state_bytes)', 'check("largest_category", largest)',
                      'check("logits_bytes", logits_bytes)']
     assert (lesson00.PARAMS_7B, lesson00.REPORT_BATCH, lesson00.REPORT_SEQ) == (7e9, 8, 128)
+    assert (lesson00.LOGITS_MODEL, lesson00.LOGITS_BATCH, lesson00.LOGITS_SEQ) == ("llama-3-8b", 8, 1024)
     source = "\n".join(c.source for c in nb.cells)
-    assert "Recipe(batch_size=8, seq_len=128)" in source and "8 * 256 * dims.vocab * 4" in source
+    assert "train_batch(batch_size=8, seq_len=128)" in source and "8 * 1024 * llama3.vocab * 4" in source
+    assert 'reference_config("llama-3-8b")' in source
 
 
 def test_weights_7b_accepts_every_honest_nf4_count():

@@ -11,9 +11,10 @@ from casebook import COURSE, assert_grades, assert_no_points, grade, liar, regis
 from transformers import BitsAndBytesConfig
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
-from helpers.estimate import Recipe, rotary_buffer_bytes, weight_bytes
+from helpers.estimate import Dims, Recipe, rotary_buffer_bytes, weight_bytes
+from helpers.exercises import lesson01
 from helpers.exercises.lesson01 import footprint_terms
-from helpers.models import tiny_config
+from helpers.models import reference_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
@@ -90,19 +91,26 @@ def test_qlora_quantization_config_accepts_reasonable_forms():
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 2: the nf4 footprint, from the config
+# Exercise 2: the nf4 footprint of Llama-3-8B loaded in bf16, from its config
 # ------------------------------------------------------------------------------------------------
+LLAMA3 = Dims.of(reference_config("llama-3-8b"))
+BF16 = lesson01.REST_BYTES
+
+
 def nf4_answer(d):
-    """The solution's expression, with the three numbers the lesson prints."""
+    """The solution's expression."""
     t = footprint_terms(d)
     quantized_params, other_params, linear_layers = t["quantized_params"], t["other_params"], t["linear_layers"]
-    return quantized_params / 2 + quantized_params / 64 * 4 + linear_layers * 16 * 4 + other_params * 4
+    return quantized_params / 2 + quantized_params / 64 * 4 + linear_layers * 16 * 4 + other_params * 2
 
 
-def test_footprint_terms_match_the_course_model():
-    """The lesson prints these three numbers; the check computes them itself from the course config."""
-    t = footprint_terms(COURSE)
-    assert t == {"quantized_params": 106_168_320, "other_params": 28_346_688, "linear_layers": 210}
+def test_footprint_terms():
+    assert footprint_terms(COURSE) == {"quantized_params": 106_168_320, "other_params": 28_346_688,
+                                       "linear_layers": 210}
+    # Llama-3-8B: 8.03 B parameters, of which the untied embedding and lm_head are 1.05 B
+    assert footprint_terms(LLAMA3) == {"quantized_params": 6_979_321_856, "other_params": 1_050_939_392,
+                                       "linear_layers": 224}
+    assert nf4_answer(LLAMA3) == 6_027_761_664
 
 
 def test_nf4_footprint(dims):
@@ -110,14 +118,23 @@ def test_nf4_footprint(dims):
     t = footprint_terms(dims)
     q, other, layers = t["quantized_params"], t["other_params"], t["linear_layers"]
     right = nf4_answer(dims)
-    wrong = [(q / 2 + other * 4, "absmax"),
-             (q / 2 + q / 16 + layers * 64 + other * 2, "fp32"),
+    wrong = [(q / 2 + other * BF16, "absmax"),
+             (q / 2 + q / 32 + layers * 64 + other * BF16, "fp32"),
+             (q / 2 + q / 16 + layers * 64 + other * 4, "bfloat16"),
              ((q + other) / 2, "only the linear"),
              (q / 2 + q / 16 + layers * 64, "embedding"),
-             (q / 2 + q / 16 + other * 4, "code tables"),
-             (weight_bytes(dims, Recipe(weights="nf4", double_quant=True, training=False)), "double"),
-             (right / 2**20, "MiB"), (right / 1e6, "MB")]
+             (q / 2 + q / 16 + other * BF16, "code tables"),
+             (weight_bytes(dims, Recipe(weights="nf4", double_quant=True, unquantized="bf16", training=False)),
+              "double"),
+             (right / 2**20, "MiB"), (right / 1e6, "MB"), (right / 2**30, "GiB")]
     assert_grades("nf4_footprint", right, wrong, ctx)
+
+
+def test_nf4_footprint_knows_the_untied_lm_head():
+    ctx = {"dims": LLAMA3}
+    right, head = nf4_answer(LLAMA3), LLAMA3.embedding_params
+    assert_grades("nf4_footprint", right, [(right - head * BF16, "not tied"),
+                                           (right - head * BF16 + head * (0.5 + 4 / 64), "skip list")], ctx)
 
 
 def test_nf4_footprint_red_team(dims):
@@ -126,29 +143,42 @@ def test_nf4_footprint_red_team(dims):
     q, other, layers = t["quantized_params"], t["other_params"], t["linear_layers"]
     right = nf4_answer(dims)
     wrong = [right * 1.005, right * 0.995, right - layers * 64,  # forgot the code tables: a small, named term
-             right * 2**20 / 1e6, right * 8, q / 2 + q / 64 * 2 + layers * 64 + other * 4,
-             q / 2 + q / 64 * 4 + layers * 64 + (other - dims.hidden) * 4,  # forgot the final norm
-             q / 2 + q / 64 * 4 + layers * 64 + (other - dims.embedding_params) * 4,
+             right * 2**20 / 1e6, right * 8, q / 2 + q / 64 * 2 + layers * 64 + other * BF16,
+             q / 2 + q / 64 * 4 + layers * 64 + (other - dims.hidden) * BF16,  # forgot the final norm
+             q / 2 + q / 64 * 4 + layers * 64 + (other - dims.embedding_params) * BF16,
+             weight_bytes(dims, Recipe(weights="nf4", training=False)),  # the estimator, with fp32 for the rest
              float(f"{right:.3g}"), str(right), [right], {"bytes": right}, True, np.float64("nan")]
     assert_no_points("nf4_footprint", wrong, ctx)
 
 
 def test_nf4_footprint_accepts_the_estimator_and_numpy(dims):
     ctx = {"dims": dims}
-    estimator = weight_bytes(dims, Recipe(weights="nf4", training=False))  # + the rotary buffers
+    estimator = weight_bytes(dims, Recipe(weights="nf4", unquantized="bf16", training=False))  # + rotary buffers
     assert estimator - nf4_answer(dims) == rotary_buffer_bytes(dims)
     for right in (estimator, int(nf4_answer(dims)), np.float64(nf4_answer(dims)), np.int64(estimator)):
         assert grade("nf4_footprint", right, ctx).status == PASS, right
 
 
+def test_nf4_footprint_declares_the_slack_its_judge_allows():
+    """The judge's slack is absolute (rotary buffers + less than the final norm); for the lesson's model it is
+    within the declared relative tolerance, which the leak scan uses."""
+    ex = EXERCISES["nf4_footprint"]
+    assert (ex.kind, ex.tolerance) == ("calculate", lesson01.NF4_TOLERANCE)
+    slack = rotary_buffer_bytes(LLAMA3) + LLAMA3.hidden // 2
+    assert slack / nf4_answer(LLAMA3) <= ex.tolerance
+    ctx = {"dims": LLAMA3}
+    assert grade("nf4_footprint", nf4_answer(LLAMA3) + slack, ctx).status == PASS
+    assert grade("nf4_footprint", nf4_answer(LLAMA3) * (1 + ex.tolerance), ctx).status == FAIL
+
+
 def test_nf4_footprint_takes_no_numbers_from_the_notebook():
-    right = nf4_answer(COURSE)
+    right = nf4_answer(LLAMA3)
     result = run_check("nf4_footprint", right, quantized_params=1, other_params=1, linear_layers=1)
     assert result.status == FAIL and result.points == 0 and "takes no" in result.message
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 3: the lesson's measured table
+# Exercise 1: a prediction, judged against the lesson's measured table
 # ------------------------------------------------------------------------------------------------
 RESULTS = {"fp32": {"bytes": 538e6, "perplexity": 28.6, "forward s": 0.1},
            "bf16": {"bytes": 269e6, "perplexity": 28.6}, "fp16": {"bytes": 269e6, "perplexity": 28.7},
@@ -191,17 +221,22 @@ def test_smallest_within_5_percent_accepts_other_spellings_and_pandas_numbers():
     assert EXERCISES["smallest_within_5_percent"].measured == ("results",)
 
 
+def test_smallest_within_5_percent_is_a_prediction_with_a_hint_about_the_formats():
+    assert EXERCISES["smallest_within_5_percent"].kind == "predict"
+    assert "16 bit" in run_check("smallest_within_5_percent", "nf4", results=RESULTS).message
+
+
 # ------------------------------------------------------------------------------------------------
 # The trusted context and the solution notebook
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_trusted_context_is_the_course_config():
-    from helpers.estimate import Dims
-
-    assert EXERCISES["nf4_footprint"].trusted_context() == {"dims": COURSE}
+    assert EXERCISES["nf4_footprint"].trusted_context() == {"dims": LLAMA3}
     assert Dims.of(EXERCISES["qlora_quantization_config"].trusted_context()["config"]) == COURSE
+    assert EXERCISES["qlora_quantization_config"].kind == "code"
     assert grade("qlora_quantization_config", nf4()).status == PASS
-    assert grade("nf4_footprint", nf4_answer(COURSE)).status == PASS
+    assert grade("nf4_footprint", nf4_answer(LLAMA3)).status == PASS
+    assert grade("nf4_footprint", nf4_answer(COURSE)).status == FAIL
 
 
 def test_solution_check_calls_pass_no_learner_numbers():
@@ -209,6 +244,6 @@ def test_solution_check_calls_pass_no_learner_numbers():
 
     nb = nbformat.read(Path(__file__).resolve().parents[1] / "solutions" / "01_loading_in_8bit_and_4bit.ipynb", 4)
     calls = [c.source for c in nb.cells if c.cell_type == "code" and c.source.lstrip().startswith("check(")]
-    assert calls == ['check("qlora_quantization_config", qlora_config)', 'check("nf4_footprint", nf4_bytes)',
-                     'check("smallest_within_5_percent", smallest_ok, results=results)']
+    assert calls == ['check("smallest_within_5_percent", smallest_ok, results=results)',
+                     'check("nf4_footprint", nf4_bytes)', 'check("qlora_quantization_config", qlora_config)']
     assert not any(re.search(r"measured=", c) for c in calls)

@@ -13,7 +13,7 @@ from casebook import COURSE, grade, liar, registered
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
 from helpers.estimate import Dims, Recipe, trainable_tensors
 from helpers.exercises import lesson02
-from helpers.models import tiny_config, tiny_model
+from helpers.models import reference_config, tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "02_freezing_parameters.ipynb"
@@ -23,7 +23,9 @@ def test_every_registered_exercise_has_a_test():
     assert registered("02") == {"freeze_all_but_last", "optimizer_state_bytes_k", "count_trainable"}
 
 
-CTX = {"dims": COURSE, "k": 6}
+LLAMA7B = Dims.of(reference_config("llama-7b"))
+CTX = {"dims": LLAMA7B, "k": 4}
+COURSE_CTX = {"dims": COURSE, "k": 6}  # freeze_all_but_last's context: the course model
 
 
 @pytest.mark.parametrize("name", ["freeze_all_but_last", "optimizer_state_bytes_k", "count_trainable"])
@@ -233,10 +235,10 @@ FREEZE_CHEATS = [(deletes_blocks, "delete"), (replaces_frozen_blocks, None), (ze
 
 
 def test_freeze_all_but_last():
-    result = grade("freeze_all_but_last", right_freeze, CTX)
+    result = grade("freeze_all_but_last", right_freeze, COURSE_CTX)
     assert result.status == PASS, result.message
     assert "k=6 trains 21,241,152" in result.message  # what it does on the course model
-    assert grade("freeze_all_but_last", freeze_by_names, CTX).status == PASS
+    assert grade("freeze_all_but_last", freeze_by_names, COURSE_CTX).status == PASS
     for answer, word in FREEZE_WRONG:
         assert_fails("freeze_all_but_last", answer, word)
 
@@ -278,38 +280,63 @@ def test_freeze_probe_data_is_small_and_plain():
 # optimizer_state_bytes_k
 # ------------------------------------------------------------------------------------------------
 def optimizer_cases(d: Dims, k: int):
-    trainable = k * d.block_params + d.hidden
+    head = d.vocab * d.hidden
+    trainable = k * d.block_params + d.hidden + head
     target = 8 * trainable
     wrong = [(4 * trainable, "one fp32 moment"), (12 * trainable, "gradients"), (trainable, "number of trainable"),
-             (8 * ((k + 1) * d.block_params + d.hidden), f"{k + 1} blocks"),
-             (8 * ((k - 1) * d.block_params + d.hidden), f"{k - 1} blocks"),
+             (8 * (trainable + d.block_params), f"{k + 1} blocks"),
+             (8 * (trainable - d.block_params), f"{k - 1} blocks"),
              (8 * d.params, "every parameter"), (target / 2**20, "MiB"), ("lots", "number"),
-             (8 * k * d.block_params, "final norm")]
-    if d is COURSE and k == 6:  # the tied embedding: where its ratio is not another mistake's (k=8: 2x)
-        wrong.append((8 * (trainable + d.embedding_params), "embedding"))
+             (8 * (trainable - head), "lm_head"), (8 * (trainable - d.hidden), "final norm")]
+    if not d.tied:  # an untied lm_head: counting the embedding too is the mistake
+        wrong.append((8 * (trainable + head), "not tied"))
     return target, {"dims": d, "k": k}, wrong
 
 
-@pytest.mark.parametrize("d,k", [(COURSE, 6), (COURSE, 8), (Dims.of(tiny_config(num_hidden_layers=6)), 3)])
+SHAPES = [(LLAMA7B, 4), (COURSE, 6), (COURSE, 8), (Dims.of(tiny_config(num_hidden_layers=6)), 3),
+          (Dims.of(reference_config("qwen2.5-7b")), 2)]
+
+
+@pytest.mark.parametrize("d,k", SHAPES)
 def test_optimizer_state_bytes_k(d, k):
     target, context, wrong = optimizer_cases(d, k)
     assert grade("optimizer_state_bytes_k", target, context).status == PASS
-    step_counters = 4 * trainable_tensors(d, Recipe(trainable_blocks=k))  # Adam's per-tensor step counters
-    assert step_counters == 4 * (9 * k + 1)
-    assert grade("optimizer_state_bytes_k", target + step_counters, context).status == PASS
+    tensors = trainable_tensors(d, Recipe(trainable_blocks=k)) + 1  # + the lm_head
+    assert tensors == 9 * k + 2
+    assert grade("optimizer_state_bytes_k", target + 4 * tensors, context).status == PASS  # Adam's step counters
     for answer, word in wrong:
         assert_fails("optimizer_state_bytes_k", answer, word, context)
 
 
-@pytest.mark.parametrize("d,k", [(COURSE, 6), (Dims.of(tiny_config(num_hidden_layers=6)), 3)])
+@pytest.mark.parametrize("d,k", SHAPES)
 def test_optimizer_state_bytes_k_red_team(d, k):
     target, context, _ = optimizer_cases(d, k)
+    head = d.vocab * d.hidden
     wrong = [target - 8 * d.hidden, target * 1.005, target * 0.995, target + 8 * 1000, target * 2**20 / 1e6,
-             float(f"{target:.4g}"), 8 * (k * d.block_params + 2 * d.hidden),
-             8 * (k * d.block_linear_params + d.hidden),
+             8 * (k * d.block_params + 2 * d.hidden + head),
+             8 * (k * d.block_linear_params + d.hidden + head), target + 4 * (9 * k + 3),
              liar(1.0, target), str(target), [target], {"k": target}, True]
+    rounded = float(f"{target:.4g}")
+    if not target <= rounded <= target + 4 * (9 * k + 2):  # on a tiny model 4 digits can land on the counters
+        wrong.append(rounded)
     for answer in wrong:
         assert_fails("optimizer_state_bytes_k", answer, context=context)
+
+
+def test_optimizer_state_is_for_a_model_the_lesson_does_not_run():
+    """The exercise's target is Llama-7B's (untied lm_head), not the course model's: the lesson's own "last K" state
+    and the course-shaped formula fail."""
+    course_k = 8 * (lesson02.K * COURSE.block_params + COURSE.hidden)
+    assert_fails("optimizer_state_bytes_k", course_k, context=CTX)
+    no_head = 8 * (4 * LLAMA7B.block_params + LLAMA7B.hidden)
+    assert_fails("optimizer_state_bytes_k", no_head, "lm_head", context=CTX)
+    assert not LLAMA7B.tied
+
+
+def test_every_exercise_states_its_kind_and_tolerance():
+    assert {n: (EXERCISES[n].kind, EXERCISES[n].tolerance) for n in registered("02")} == {
+        "freeze_all_but_last": ("code", 0.0), "optimizer_state_bytes_k": ("calculate", 0.0),
+        "count_trainable": ("code", 0.0)}
 
 
 def test_K_is_one_constant_shared_with_the_notebook():
@@ -321,9 +348,11 @@ def test_K_is_one_constant_shared_with_the_notebook():
 
 @pytest.mark.slow
 def test_trusted_context_is_the_course_config():
-    assert EXERCISES["optimizer_state_bytes_k"].trusted_context() == {"dims": COURSE, "k": lesson02.K}
-    assert grade("optimizer_state_bytes_k", 8 * (6 * COURSE.block_params + COURSE.hidden)).status == PASS
-    result = run_check("optimizer_state_bytes_k", 8 * (4 * COURSE.block_params + COURSE.hidden), k=4)
+    assert EXERCISES["optimizer_state_bytes_k"].trusted_context() == {"dims": LLAMA7B, "k": 4}
+    assert (lesson02.STATE_MODEL, lesson02.STATE_K) == ("llama-7b", 4)
+    right = 8 * (4 * LLAMA7B.block_params + LLAMA7B.hidden + LLAMA7B.vocab * LLAMA7B.hidden)
+    assert grade("optimizer_state_bytes_k", right).status == PASS
+    result = run_check("optimizer_state_bytes_k", right, k=4)
     assert result.status == FAIL and "takes no k" in result.message  # the notebook cannot move the target
 
 
@@ -365,8 +394,13 @@ def duplicate_count(model):
     return sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
 
 
+def grad_or_trainable(model):  # a patched bug: still trusts a stale .grad left by an earlier backward
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or p.grad is not None)
+
+
 COUNT_WRONG = [(buggy_count, ".grad"), (inverted_count, "inverted"), (all_count, "frozen ones too"),
-               (tensor_count, "numel"), (duplicate_count, "twice"), (lambda m: 1 / 0, "zerodivisionerror"),
+               (tensor_count, "numel"), (duplicate_count, "twice"), (grad_or_trainable, "stale gradients"),
+               (lambda m: 1 / 0, "zerodivisionerror"),
                (lambda m: "many", "count of parameters"), (right_count(tiny_model()), "function itself")]
 
 

@@ -12,10 +12,14 @@ from casebook import COURSE, assert_grades, fails, grade, registered
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers.checks import FAIL, PASS, SKIP, run_check
-from helpers.estimate import Recipe, block_activation_bytes, predict
+from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
+from helpers.estimate import Dims, Recipe, block_activation_bytes, predict
 from helpers.exercises import lesson03
-from helpers.exercises.lesson03 import toy_stack
+from helpers.exercises.lesson03 import checkpoint_flops, toy_stack
+from helpers.models import reference_config
+
+ACT_TOKENS = lesson03.ACT_BATCH * lesson03.ACT_SEQ
+PEAK_BATCH = lesson03.PEAK_BATCH
 
 pytestmark = pytest.mark.usefixtures("lenient_checks", "one_thread")
 
@@ -34,12 +38,20 @@ def skip_last_block(stack, x):
     return nn.Sequential(*list(stack)[:-1])(x)
 
 
+def flops_ratio(dims):
+    plain, checkpointed = checkpoint_flops(dims, 1)
+    return checkpointed / plain
+
+
 def cases(dims):
-    tokens = 8 * 128
+    tokens = ACT_TOKENS
     without = dims.layers * block_activation_bytes(dims, tokens)
     with_ = dims.layers * tokens * dims.hidden * 4
-    peak = predict(dims, Recipe(batch_size=8, seq_len=128, gradient_checkpointing=True)).peak
-    plain_peak = predict(dims, Recipe(batch_size=8, seq_len=128)).peak
+    peak = predict(dims, Recipe(batch_size=PEAK_BATCH, seq_len=128, gradient_checkpointing=True)).peak
+    plain_peak = predict(dims, Recipe(batch_size=PEAK_BATCH, seq_len=128)).peak
+    ratio = flops_ratio(dims)
+    whole_block = 1 + 2 * dims.layers * dims.block_linear_params / (
+        6 * (dims.layers * dims.block_linear_params + dims.vocab * dims.hidden))
     return {
         # name: (right answer, context, [(wrong answer, a word its hint must contain)])
         "block_activations": ((without, with_), {"dims": dims},
@@ -59,8 +71,16 @@ def cases(dims):
                               (segments(2), "above the"),
                               (segments(4, reentrant=True), "use_reentrant=False"),
                               (skip_last_block, "every block"), ("checkpoint", "function")]),
-        "time_cost": ("b", {}, [("a", "optimizer"), ("c", "compressed"), ("d", "backward runs once"),
-                                ("e", "one of the letters"), (2, "string")]),
+        "time_cost": ({"choice": "b", "flops_ratio": ratio}, {"dims": dims},
+                      [({"choice": "a", "flops_ratio": ratio}, "backward runs once"),
+                       ({"choice": "c", "flops_ratio": ratio}, "the peak does not"),
+                       ({"choice": "d", "flops_ratio": ratio}, "nothing is copied"),
+                       ({"choice": "b", "flops_ratio": 4 / 3}, "lm_head"),
+                       ({"choice": "b", "flops_ratio": whole_block}, "down_proj"),
+                       ({"choice": "b", "flops_ratio": 1.5}, "twice"),
+                       ({"choice": "b", "flops_ratio": ratio - 1}, "extra compute alone"),
+                       ({"choice": "e", "flops_ratio": ratio}, "one of the letters"),
+                       ("b", "dict"), (2, "dict")]),
     }
 
 
@@ -90,7 +110,7 @@ def test_toy_check():
 # Exercises 1 and 2: predictions (red team: slips just outside the lesson's point)
 # ------------------------------------------------------------------------------------------------
 def test_block_activations_red_team(dims):
-    tokens = 8 * 128
+    tokens = ACT_TOKENS
     per_block = block_activation_bytes(dims, tokens)
     without, with_ = dims.layers * per_block, dims.layers * tokens * dims.hidden * 4
     context = {"dims": dims}
@@ -116,7 +136,7 @@ def test_block_activations_red_team(dims):
 
 
 def test_block_activations_hint_at_the_log_sum_exp():
-    tokens = 8 * 128
+    tokens = ACT_TOKENS
     without = COURSE.layers * block_activation_bytes(COURSE, tokens)
     lse = COURSE.layers * 4 * COURSE.heads * tokens
     message = fails("block_activations", (without - lse, COURSE.layers * tokens * COURSE.hidden * 4),
@@ -125,7 +145,7 @@ def test_block_activations_hint_at_the_log_sum_exp():
 
 
 def test_checkpointed_peak_red_team(dims):
-    recipe = Recipe(batch_size=8, seq_len=128, gradient_checkpointing=True)
+    recipe = Recipe(batch_size=PEAK_BATCH, seq_len=128, gradient_checkpointing=True)
     peak = predict(dims, recipe)
     context = {"dims": dims}
     for answer in (peak.peak * 1e6 / 2**20, peak.peak * 2**20 / 1e6, peak.peak / 1e9, peak.peak * 1.01,
@@ -135,37 +155,67 @@ def test_checkpointed_peak_red_team(dims):
 
 
 def test_checkpointed_peak_hints_at_the_moments(dims):
-    """The start of backward and the model state alone are the two plausible partial answers."""
+    """The end-of-backward floor, the model state alone, and the start of backward with a part left out are the
+    plausible partial answers; each gets its own hint."""
     from helpers.exercises.lesson03 import _backward_start
 
-    recipe = Recipe(batch_size=8, seq_len=128, gradient_checkpointing=True)
+    recipe = Recipe(batch_size=PEAK_BATCH, seq_len=128, gradient_checkpointing=True)
     start = _backward_start(dims, recipe)
     peak = predict(dims, recipe)
-    if not math.isclose(start, peak.peak, rel_tol=0.02):  # on the course shapes the two moments differ
-        assert "start of backward" in fails("checkpointed_peak", start, {"dims": dims}).message
+    n = PEAK_BATCH * 128
+    floor = predict(dims, Recipe(batch_size=1, seq_len=128)).peak
+    context = {"dims": dims}
+    if not math.isclose(floor, peak.peak, rel_tol=0.02):  # on the course shapes the two moments differ
+        assert "end-of-backward floor" in fails("checkpointed_peak", floor, context).message
+        assert "kept inputs" in fails("checkpointed_peak", start - dims.layers * n * dims.hidden * 4,
+                                      context).message
+        assert "not two" in fails("checkpointed_peak", start - n * dims.vocab * 4, context).message
     state = peak.weights + peak.optimizer + 4 * dims.params
-    assert "tied embedding" in fails("checkpointed_peak", state, {"dims": dims}).message
+    assert "gradients do not exist yet" in fails("checkpointed_peak", state, context).message
+
+
+def test_checkpointed_peak_at_the_course_batch_is_the_start_of_backward():
+    """At the exercise's batch the start of backward sets the checkpointed peak, clearly above the batch-1 floor
+    (the answer is not the floor printed above the exercise), and the simple count of the solution is within the
+    tolerance while the batch-4 peak printed above it is not."""
+    recipe = Recipe(batch_size=PEAK_BATCH, seq_len=128, gradient_checkpointing=True)
+    peak = predict(COURSE, recipe)
+    assert peak.result == "backward start"
+    b1 = predict(COURSE, Recipe(batch_size=1, seq_len=128))
+    assert peak.peak > 1.05 * b1.peak
+    n = PEAK_BATCH * 128
+    simple = b1.weights + b1.optimizer + COURSE.layers * n * COURSE.hidden * 4 + 3 * n * COURSE.vocab * 4
+    assert run_check("checkpointed_peak", simple).passed
+    assert run_check("checkpointed_peak", predict(COURSE, Recipe(batch_size=4, seq_len=128)).peak).status == FAIL
+    for off in (1 - 1.5 * lesson03.PEAK_TOLERANCE, 1 + 1.5 * lesson03.PEAK_TOLERANCE):
+        assert run_check("checkpointed_peak", peak.peak * off).status == FAIL
 
 
 def test_the_solutions_answers_pass():
     """The notebook's solution expressions, with the lesson's measurements stood in for by the prediction
     (the lesson measures within 0.02 % of it), pass against the trusted context (the course model's config)."""
     dims = COURSE
-    tokens = 8 * 128
-    assert run_check("block_activations", (dims.layers * block_activation_bytes(dims, tokens),
-                                           dims.layers * tokens * dims.hidden * 4)).passed
+    big = Dims.of(reference_config("smollm2-1.7b"))
+    tokens = 4 * 512
+    assert run_check("block_activations", (big.layers * block_activation_bytes(big, tokens),
+                                           big.layers * tokens * big.hidden * 4)).passed
     measured_b1 = predict(dims, Recipe(batch_size=1, seq_len=128))
-    start = (measured_b1.weights + measured_b1.optimizer + dims.layers * 1024 * dims.hidden * 4
-             + 3 * 1024 * dims.vocab * 4)
+    tokens = 12 * 128
+    start = (measured_b1.weights + measured_b1.optimizer + dims.layers * tokens * dims.hidden * 4
+             + 3 * tokens * dims.vocab * 4)
     assert run_check("checkpointed_peak", max(start, measured_b1.peak)).passed
-    assert run_check("time_cost", "b").passed
+    weights = dims.layers * dims.block_linear_params + dims.vocab * dims.hidden
+    recomputed = 2 * dims.layers * (dims.block_linear_params - dims.hidden * dims.intermediate)
+    assert run_check("time_cost", {"choice": "b", "flops_ratio": (6 * weights + recomputed) / (6 * weights)}).passed
 
 
 def test_the_context_is_the_course_model_and_the_lessons_constants():
     from helpers.checks import EXERCISES
 
     context = EXERCISES["block_activations"].trusted_context()
-    assert context == {"dims": COURSE, "batch_size": 8, "seq_len": 128}
+    assert context == {"dims": Dims.of(reference_config("smollm2-1.7b")), "batch_size": 4, "seq_len": 512}
+    assert EXERCISES["checkpointed_peak"].trusted_context() == {"dims": COURSE, "batch_size": 12, "seq_len": 128}
+    assert EXERCISES["time_cost"].trusted_context() == {"dims": COURSE}
 
 
 def test_checks_take_no_context_from_the_caller():
@@ -181,8 +231,12 @@ def test_the_notebook_agrees_with_the_lessons_constants():
     assert (f"N_BLOCKS, WIDTH, TOKENS = {lesson03.TOY_BLOCKS}, {lesson03.TOY_WIDTH}, {lesson03.TOY_TOKENS}"
             in code)
     assert f"**{round(100 * lesson03.TOY_FRACTION)} %**" in text
-    assert f"SEQ = {lesson03.SEQ}" in code and f"tokens = {lesson03.BATCH} * {lesson03.SEQ}" in code
-    assert f"batch {lesson03.BATCH} × {lesson03.SEQ} tokens" in text
+    assert f"SEQ = {lesson03.SEQ}" in code
+    assert f'reference_config("{lesson03.ACT_MODEL}")' in code
+    assert f"tokens = {lesson03.ACT_BATCH} * {lesson03.ACT_SEQ}" in code
+    assert f"**{lesson03.ACT_BATCH} × {lesson03.ACT_SEQ} tokens**" in text
+    assert f"batch {lesson03.PEAK_BATCH} × {lesson03.SEQ} tokens" in text
+    assert f"tokens = {lesson03.PEAK_BATCH} * SEQ" in code
     calls = [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("check(")]
     assert calls and all("=" not in call for call in calls)  # no context keywords: the checks compute their own
 
@@ -383,10 +437,51 @@ def test_toy_judge_refuses_data_from_another_stack():
 
 
 def test_answers_in_other_forms(dims):
-    assert run_check("time_cost", " (B) ").status == PASS
-    assert run_check("time_cost", lesson03.TIME_COST_OPTIONS["b"]).status == PASS
-    for wrong in ("ab", "b c", "B or D", ["b"], {"answer": "b"}):
-        assert run_check("time_cost", wrong).status == FAIL
+    ratio = flops_ratio(COURSE)
+    assert run_check("time_cost", {"Choice": " (B) ", "flops_ratio": ratio}).status == PASS
+    assert run_check("time_cost", (lesson03.TIME_COST_OPTIONS["b"], ratio)).status == PASS
+    assert run_check("time_cost", ["b", ratio]).status == PASS
+    for wrong in ("ab", "b c", "B or D"):
+        assert run_check("time_cost", {"choice": wrong, "flops_ratio": ratio}).status == FAIL
+    for wrong in (["b"], {"answer": "b"}, {"choice": "b"}, ("b", str(ratio)), ("b", ratio, 1), {"choice": "b",
+                  "flops_ratio": None}, (ratio, "b")):
+        assert run_check("time_cost", wrong).status != PASS
+
+
+def test_time_cost_number_is_the_counted_flop_ratio():
+    """The course model's ratio is what FlopCounterMode counts (lesson 03 measures 1.1974); the judge's tolerance
+    passes counting the attention scores too and fails every plausible other count."""
+    ratio = flops_ratio(COURSE)
+    assert abs(ratio - 1.1974) < 1e-4
+    tol = lesson03.RATIO_TOLERANCE
+    assert EXERCISES["time_cost"].tolerance == tol and EXERCISES["time_cost"].kind == "explain"
+    for near in (ratio * (1 - 0.9 * tol), ratio * (1 + 0.9 * tol)):
+        assert run_check("time_cost", {"choice": "b", "flops_ratio": near}).passed
+    for far in (ratio * (1 - 1.2 * tol), ratio * (1 + 1.2 * tol), 4 / 3, 1.2632, 1.25, 1.0):
+        assert run_check("time_cost", {"choice": "b", "flops_ratio": far}).status == FAIL, far
+    # the attention scores (4 x sequence x q_dim FLOPs per token and block forward, at 128 tokens), counted too
+    d, s = COURSE, 128
+    att = 4 * s * d.q_dim // 2  # per token, in weight-equivalents (2 FLOPs each)
+    plain = 6 * (d.layers * (d.block_linear_params + att) + d.vocab * d.hidden)
+    extra = 2 * d.layers * (d.block_linear_params - d.hidden * d.intermediate + att)
+    assert run_check("time_cost", {"choice": "b", "flops_ratio": (plain + extra) / plain}).passed
+
+
+def test_every_exercise_states_its_kind_and_tolerance():
+    kinds = {name: (EXERCISES[name].kind, EXERCISES[name].tolerance) for name in registered("03")}
+    assert kinds == {"block_activations": ("calculate", lesson03.EXACT),
+                     "checkpointed_peak": ("predict", lesson03.PEAK_TOLERANCE),
+                     "time_cost": ("explain", lesson03.RATIO_TOLERANCE),
+                     "toy_under_target": ("code", 0.0)}
+
+
+def test_block_activations_is_another_model_than_the_course_one():
+    """The exercise's model is not the lesson's: the course model's numbers (printed per token above the exercise,
+    times the tokens) fail with a hint."""
+    tokens = ACT_TOKENS
+    course = (COURSE.layers * block_activation_bytes(COURSE, tokens), COURSE.layers * tokens * COURSE.hidden * 4)
+    message = fails("block_activations", course).message
+    assert "course model" in message
 
 
 def test_toy_stack_shape():

@@ -11,8 +11,9 @@ import torch
 from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
-from helpers.estimate import Recipe, predict
-from helpers.exercises.lesson06 import SEQ_LEN, autocast_crossover, largest_safe_scale
+from helpers.estimate import Dims, Recipe, predict
+from helpers.exercises.lesson06 import CROSSOVER_MODEL, SEQ_LEN, autocast_crossover, largest_safe_scale
+from helpers.models import reference_config
 from helpers.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
@@ -20,6 +21,11 @@ pytestmark = pytest.mark.usefixtures("lenient_checks")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "06_mixed_precision.ipynb"
 NAMES = ["autocast_copy_bytes", "largest_loss_scale", "autocast_pays_from_batch"]
 GRADIENT = 3.2  # a measured largest gradient: the largest safe scale is 2^14
+KINDS = {"largest_loss_scale": "calculate", "autocast_copy_bytes": "predict", "autocast_pays_from_batch": "calculate"}
+
+
+def big():
+    return Dims.of(reference_config(CROSSOVER_MODEL))
 
 
 def seq_for(dims):
@@ -43,11 +49,12 @@ def cases(dims):
                                  (2 * (blocks + 2 * dims.embedding_params), "embedding lookup"),
                                  (right / 2, "half"), (right * 8 + 1, "bits"), (right / 2**20, "MiB"),
                                  (right / 1e6, "MB"), (right - 2 * dims.block_linear_params, "one block short"),
+                                 (2 * dims.block_linear_params, "one block's copies"),
                                  (right + 1, "count"), ("lots", "number")]),
-        "largest_loss_scale": (2.0 ** 14, None, {"largest_gradient": GRADIENT},
-                               [(2.0 ** 16, "inf"), (14, "exponent"), (65504 / GRADIENT, "powers of two"),
-                                (2.0 ** 13, "not the largest"), (-1, "positive"), ([2.0 ** 14], "number"),
-                                (2.0 ** 15, "inf")]),
+        "largest_loss_scale": (14, None, {"largest_gradient": GRADIENT},
+                               [(16, "inf"), (2.0 ** 14, "exponent"), (math.log2(65504 / GRADIENT), "whole number"),
+                                (13, "not the largest"), (-1, "not the largest"), ([14], "number"),
+                                (15, "inf"), (2.0 ** 13, "exponent"), (10**6, "small whole"), (1e300, "small whole")]),
         "autocast_pays_from_batch": (crossover, {"dims": dims, "seq_len": seq}, {},
                                      [(1, "not lower yet"), (crossover - 1, "not lower yet"),
                                       (crossover + 3, "smallest"), (2.5, "whole number"), ("many", "batch size"),
@@ -66,6 +73,7 @@ def test_check(name, dims):
 
 
 def test_largest_loss_scale_is_the_power_of_two_below_the_overflow():
+    """The exponent is asked (the check's docstring says why): the scale it stands for is the largest safe one."""
     for g in (3.2, 0.01, 1.0, 65504.0, 1e-3):
         s = largest_safe_scale(g)
         assert g * s <= 65504 < g * 2 * s
@@ -73,9 +81,10 @@ def test_largest_loss_scale_is_the_power_of_two_below_the_overflow():
 
 
 def test_the_loss_scale_follows_the_lessons_measurement():
-    for g, right in ((0.5, 2.0 ** 16), (100.0, 512.0)):
+    for g, right in ((0.5, 16), (100.0, 9), (15.4, 12)):
         assert grade("largest_loss_scale", right, largest_gradient=g).status == PASS
-        assert grade("largest_loss_scale", 2.0 ** 14, largest_gradient=g).status == FAIL
+        assert grade("largest_loss_scale", 14, largest_gradient=g).status == FAIL
+        assert grade("largest_loss_scale", 2 ** right, largest_gradient=g).status == FAIL  # the scale, not n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,12 +102,12 @@ def test_autocast_copy_bytes_red_team(dims):
 
 
 def test_largest_loss_scale_red_team():
-    wrong = [2.0 ** 14 + 1, 2.0 ** 14 * 1.0001, 20470.0,  # 65504 / 3.2, not a power of two
-             liar(1.0, 2.0 ** 14), liar(1, 2 ** 14), FrameReader(), "16384", True]
+    wrong = [15, 14.0001, 13.9999, 14.3, 2.0 ** 14, 20470.0,  # 65504 / 3.2, not a power of two
+             liar(1.0, 14), liar(1, 14), FrameReader(), "14", True, [14], {"n": 14}]
     assert_no_points("largest_loss_scale", wrong, largest_gradient=GRADIENT)
     # the measurement is the lesson's: without it, or with a bogus one, nothing passes
     for measured in ({}, {"largest_gradient": "big"}, {"largest_gradient": -1.0}, {"largest_gradient": 0.0}):
-        result = grade("largest_loss_scale", 2.0 ** 14, **measured)
+        result = grade("largest_loss_scale", 14, **measured)
         assert result.status == FAIL and result.points == 0, (measured, result.message)
 
 
@@ -115,7 +124,7 @@ def test_reasonable_number_types_pass(dims):
     ctx = {"dims": dims}
     for answer in (np.int64(copies(dims)), float(copies(dims)), torch.tensor(copies(dims), dtype=torch.float64)):
         assert grade("autocast_copy_bytes", answer, ctx).status == PASS, type(answer)
-    for answer in (np.float32(2 ** 14), torch.tensor(2.0 ** 14), 16384):
+    for answer in (np.float32(14), torch.tensor(14.0), 14, np.int64(14)):
         assert grade("largest_loss_scale", answer, largest_gradient=GRADIENT).status == PASS, type(answer)
     crossover = autocast_crossover(dims, seq_for(dims))
     ctx = {"dims": dims, "seq_len": seq_for(dims)}
@@ -130,6 +139,24 @@ def test_check_refuses_a_context_from_the_learner():
     assert forged.status == FAIL and forged.points == 0 and "takes no seq_len" in forged.message
 
 
+def test_every_exercise_declares_its_kind_and_an_exact_tolerance():
+    for name, kind in KINDS.items():
+        assert EXERCISES[name].kind == kind and EXERCISES[name].tolerance == 0.0, name
+
+
+def test_the_crossover_is_asked_for_a_model_the_lesson_does_not_sweep():
+    """Exercise 3 is SmolLM2-1.7B's crossover; the course model's (the sweep the notebook prints) is a
+    different number, and giving it gets a hint that names it."""
+    want, course = autocast_crossover(big(), SEQ_LEN), autocast_crossover(COURSE, SEQ_LEN)
+    assert want != course and want > 2
+    ctx = {"dims": big(), "seq_len": SEQ_LEN, "course": COURSE}
+    assert grade("autocast_pays_from_batch", want, ctx).status == PASS
+    wrong = grade("autocast_pays_from_batch", course, ctx)
+    assert wrong.status == FAIL and "course model" in wrong.message
+    for other in (want - 1, want + 1):
+        assert grade("autocast_pays_from_batch", other, ctx).status == FAIL
+
+
 def test_only_the_gradient_is_a_measurement():
     assert EXERCISES["largest_loss_scale"].measured == ("largest_gradient",)
     assert EXERCISES["autocast_copy_bytes"].measured == EXERCISES["autocast_pays_from_batch"].measured == ()
@@ -141,10 +168,12 @@ def test_only_the_gradient_is_a_measurement():
 @pytest.mark.slow
 def test_trusted_context_is_the_course_config():
     assert EXERCISES["autocast_copy_bytes"].trusted_context() == {"dims": COURSE}
-    assert EXERCISES["autocast_pays_from_batch"].trusted_context() == {"dims": COURSE, "seq_len": SEQ_LEN}
+    assert EXERCISES["autocast_pays_from_batch"].trusted_context() == {"dims": big(), "seq_len": SEQ_LEN,
+                                                                       "course": COURSE}
     assert grade("autocast_copy_bytes", copies(COURSE)).status == PASS
     assert grade("autocast_copy_bytes", copies(TINY)).status == FAIL
-    assert grade("autocast_pays_from_batch", autocast_crossover(COURSE, SEQ_LEN)).status == PASS
+    assert grade("autocast_pays_from_batch", autocast_crossover(big(), SEQ_LEN)).status == PASS
+    assert grade("autocast_pays_from_batch", autocast_crossover(COURSE, SEQ_LEN)).status == FAIL
 
 
 def notebook():
@@ -158,16 +187,27 @@ def test_the_notebooks_check_calls_pass_only_measurements():
 def test_the_solutions_answers_pass_and_use_the_lessons_sequence_length():
     """The code between BEGIN and END SOLUTION, run on the course model's shapes."""
     regions = [text for _, text in solution_regions(notebook())]
-    namespace = {"dims": COURSE, "Recipe": Recipe, "predict": predict, "math": math,
+    namespace = {"dims": COURSE, "big": big(), "Recipe": Recipe, "predict": predict, "math": math,
                  "fp16": torch.finfo(torch.float16), "largest_gradient": GRADIENT}
     for text in regions:
         exec(text, namespace)
-    assert f"seq_len={SEQ_LEN}" in regions[2]
+    assert f"seq_len={SEQ_LEN}" in regions[2] and "predict(big," in regions[2]
+    source = "\n".join(c.source for c in notebook().cells if c.cell_type == "code")
+    assert f'big = Dims.of(reference_config("{CROSSOVER_MODEL}"))' in source
     context = {"autocast_copy_bytes": {"dims": COURSE}, "largest_loss_scale": None,
-               "autocast_pays_from_batch": {"dims": COURSE, "seq_len": SEQ_LEN}}
-    answers = {"autocast_copy_bytes": namespace["copy_bytes"], "largest_loss_scale": namespace["loss_scale"],
+               "autocast_pays_from_batch": {"dims": big(), "seq_len": SEQ_LEN}}
+    answers = {"autocast_copy_bytes": namespace["copy_bytes"], "largest_loss_scale": namespace["loss_scale_exponent"],
                "autocast_pays_from_batch": namespace["crossover_batch"]}
     for name, answer in answers.items():
         measured = {"largest_gradient": GRADIENT} if name == "largest_loss_scale" else {}
         result = grade(name, answer, context[name], **measured)
         assert result.status == PASS, (name, result.message)
+
+
+def test_the_copy_prediction_comes_before_its_measurement_and_is_shown_beside_it():
+    cells = [c.source for c in notebook().cells]
+    asked = next(i for i, c in enumerate(cells) if 'check("autocast_copy_bytes"' in c)
+    measured = next(i for i, c in enumerate(cells) if "saved_for_backward(" in c)
+    shown = next(i for i, c in enumerate(cells) if 'show_prediction("autocast_copy_bytes"' in c)
+    assert asked < measured < shown
+    assert not any("block_linear_params" in c for c in cells[:asked] if "print(" in c)  # no per-block copy bytes above

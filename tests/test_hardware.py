@@ -29,3 +29,18 @@ def test_a_cpu_where_bitsandbytes_packs_4bit_weights_says_so():
                             cpu_bf16=True, cpu_amx=True, bitsandbytes="0.50.2, CPU backend", cpu_packs_4bit=True)
     assert any("cannot be trained through" in line and "lesson 05" in line for line in packing.lines())
     assert not any("repacks" in line for line in HardwareCheck(**{**packing.__dict__, "cpu_packs_4bit": False}).lines())
+
+
+def test_a_t4_counts_as_no_native_bf16(monkeypatch):
+    """torch says a T4 supports bf16 by default (emulated): the course asks about native support."""
+    import torch
+
+    from helpers import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    check = hardware.hardware_check()
+    assert check.bf16 is False
+    assert any("emulated" in note for note in check.notes)

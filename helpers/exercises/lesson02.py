@@ -13,10 +13,13 @@ import functools
 
 import torch
 
-from ..checks import AnswerError, as_number, exercise, human_bytes, learner_call, plain, ratio_hint
+from ..checks import AnswerError, as_number, exercise, human_bytes, learner_call, plain, ratio_hint, trusted_dims
 
 LESSON = "02_freezing_parameters"
 K = 6  # "the last few blocks" in this lesson (the solution notebook's K must agree: tests/test_checks_lesson02.py)
+# Exercise 2: a model and a trainable set the lesson does not run (a config shipped in helpers/model_configs;
+# Llama-7B's lm_head is its own weight, not tied to the embedding).
+STATE_MODEL, STATE_K = "llama-7b", 4
 
 # Read through the C types' own accessors, captured before any learner code runs: a patched
 # ``Module.named_parameters`` or a ``requires_grad`` property on a subclass cannot change what the probe sees.
@@ -164,13 +167,20 @@ def _course_context() -> dict:
     return {"dims": course_dims(), "k": K}
 
 
+def _state_context() -> dict:
+    from ..estimate import Dims
+    from ..models import reference_config
+
+    return {"dims": Dims.of(reference_config(STATE_MODEL)), "k": STATE_K}
+
+
 def _trials(data) -> list[dict]:
     if not isinstance(data, list) or len(data) != len(FREEZE_TRIALS) or not all(isinstance(t, dict) for t in data):
         raise AnswerError("the check could not read what your function did: give the function itself.")
     return data
 
 
-@exercise("freeze_all_but_last", lesson=LESSON, context=_course_context, probe=probe_freeze)
+@exercise("freeze_all_but_last", lesson=LESSON, context=_course_context, probe=probe_freeze, kind="code")
 def freeze_all_but_last(data, dims, k):
     """A function ``f(model, k)`` after which only the last k blocks and the final norm are trainable."""
     from ..estimate import Recipe, trainable_params
@@ -207,30 +217,33 @@ def freeze_all_but_last(data, dims, k):
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 2: AdamW state for the last K blocks
+# Exercise 2: AdamW state for the last k blocks, the final norm and the lm_head of another model
 # ------------------------------------------------------------------------------------------------
-@exercise("optimizer_state_bytes_k", lesson=LESSON, context=_course_context)
+@exercise("optimizer_state_bytes_k", lesson=LESSON, context=_state_context, kind="calculate", tolerance=0.0)
 def optimizer_state_bytes_k(data, dims, k):
-    """fp32 AdamW state when only the last ``k`` blocks and the final norm train."""
-    from ..estimate import Dims, Recipe, trainable_tensors
+    """fp32 AdamW state when the last ``k`` blocks, the final norm and the lm_head train (the lm_head is one
+    vocab x hidden tensor whether or not it is tied to the embedding; tied, it is the embedding)."""
+    from ..estimate import Recipe, trainable_tensors
 
-    if not isinstance(dims, Dims):
-        raise TypeError("the context's dims must be a helpers.estimate.Dims")
+    d = trusted_dims(dims)
     value = as_number(data, "a number of bytes")
-    d = dims
-    trainable = k * d.block_params + d.hidden
-    tensors = trainable_tensors(d, Recipe(trainable_blocks=k))
+    head = d.vocab * d.hidden
+    trainable = k * d.block_params + d.hidden + head
+    tensors = trainable_tensors(d, Recipe(trainable_blocks=k)) + 1
     target = 8 * trainable
-    # Exact: two fp32 moments per trainable parameter. PyTorch's AdamW also keeps a step counter per tensor (the
-    # lesson's measurement includes it): counting it is right too. A forgotten final norm
-    # (8 x hidden bytes) is more than all the counters together, so it fails.
+    # Exact: two fp32 moments per trainable parameter. PyTorch's AdamW also keeps a 4-byte step counter per tensor:
+    # counting it is right too. A forgotten final norm (8 x hidden bytes) is more than all the counters together.
     if target <= value <= target + 4 * tensors:
         extra = " (plus a step counter per tensor)" if value > target else ""
-        return True, (f"{human_bytes(value)}: 8 bytes (two fp32 moments) for each of the {trainable:,} "
-                      f"trainable parameters{extra}; frozen parameters get no state at all.")
-    if abs(value - 8 * k * d.block_params) <= 8 * tensors:
-        return False, (f"you said {human_bytes(value)}: that is the {k} blocks without the final norm "
-                       f"({d.hidden} weights), which trains too.")
+        tied = ("it is the embedding itself (tied), so training it also sends gradients to the bottom" if d.tied else
+                "it is its own weight, not tied to the embedding, which stays frozen")
+        return True, (f"{human_bytes(value)}: 8 bytes (two fp32 moments) for each of the {trainable:,} trainable "
+                      f"parameters{extra}. The lm_head alone is {head:,} of them: {tied}.")
+    if abs(value - 8 * (trainable - head)) <= 4 * tensors:
+        return False, (f"you said {human_bytes(value)}: that leaves out the lm_head ({head:,} parameters), which "
+                       "trains too in this exercise.")
+    if abs(value - 8 * (trainable - d.hidden)) <= 4 * tensors:
+        return False, (f"you said {human_bytes(value)}: the final norm ({d.hidden:,} weights) trains too.")
     hints = {
         0.5: "that is one fp32 moment per parameter; AdamW keeps two (exp_avg and exp_avg_sq).",
         1.5: "that adds the gradients; the question is the optimizer state only.",
@@ -238,22 +251,28 @@ def optimizer_state_bytes_k(data, dims, k):
         0.25: "that is 2 bytes per parameter: the moments are fp32 (4 bytes each) when training in fp32.",
         1 / 8: "that is the number of trainable parameters: multiply by the bytes AdamW keeps for each.",
         2**-20: "that looks like MiB; the exercise asks for bytes.",
+        2**-30: "that looks like GiB; the exercise asks for bytes.",
         1e-6: "that looks like MB; the exercise asks for bytes.",
         1e-9: "that looks like GB; the exercise asks for bytes.",
         2**20 / 1e6: "that mixes MB and MiB: give the number of bytes itself.",
+        1e6 / 2**20: "that mixes MB and MiB: give the number of bytes itself.",
         d.params / trainable: "that is every parameter of the model: only the trainable ones get state.",
     }
+    if not d.tied:
+        hints[(trainable + head) / trainable] = (
+            "that counts the embedding too. This model's lm_head is not tied to its embedding "
+            "(`tie_word_embeddings` is false): the embedding is a separate tensor, and it stays frozen.")
     for blocks in (k + 1, k - 1):
         if 0 <= blocks <= d.layers:
-            hints[(blocks * d.block_params + d.hidden) / trainable] = (
+            hints[(trainable + (blocks - k) * d.block_params) / trainable] = (
                 f"that is {blocks} blocks: train exactly the last k={k}.")
-    hints.setdefault((trainable + d.embedding_params) / trainable,
-                     "that includes the embedding (tied to lm_head), which stays frozen in this exercise.")
     hint = ratio_hint(value, target, hints, rel=0.001)
     if hint is None and abs(value / target - 1) < 0.01:
-        hint = "close, but not exact: count every trainable parameter (k blocks and the final norm), 8 bytes each."
+        hint = ("close, but not exact: count every trainable parameter (the k blocks, the final norm and the "
+                "lm_head), 8 bytes each.")
     return False, f"you said {human_bytes(value)}; " + (
-        hint or "count the trainable parameters (k blocks and the final norm) and the bytes AdamW keeps for each.")
+        hint or "count the trainable parameters (the k blocks, the final norm, the lm_head) and the bytes AdamW "
+                "keeps for each.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +288,8 @@ COUNTER_CASES = (
      "zero_grad(set_to_none=True)", 3, "last2+backward"),
     ("a 3-block model with only the embedding and the first block trainable, after a backward pass that left "
      "zeroed gradients", 3, "embed+first+zero_grads"),
+    ("a 5-block model trained everywhere for one backward pass, then frozen except its last block (the frozen "
+     "parameters keep their stale gradients)", 5, "frozen-after-backward"),
 )
 
 
@@ -276,6 +297,12 @@ def counter_model(layers: int, how: str):
     """The model of one counter case, built the same way by the probe and by the judge."""
     model = _tiny(layers)
     if how == "all":
+        return model
+    if how == "frozen-after-backward":
+        ids = torch.arange(16).reshape(2, 8) % model.config.vocab_size
+        model(input_ids=ids, labels=ids).loss.backward()  # every parameter gets a gradient
+        model.requires_grad_(False)
+        model.model.layers[-1].requires_grad_(True)
         return model
     model.requires_grad_(False)
     if how == "last":
@@ -348,7 +375,7 @@ def counter_reference(layers: int, how: str) -> dict:
             "with_grad": sum(_NUMEL(p) for _, p in params if _GRAD(p) is not None)}
 
 
-@exercise("count_trainable", lesson=LESSON, probe=probe_count)
+@exercise("count_trainable", lesson=LESSON, probe=probe_count, kind="code")
 def count_trainable(data):
     """A fixed ``count_trainable(model)``: the number of trainable parameters, before or after a backward."""
     if not isinstance(data, list) or len(data) != len(COUNTER_CASES) or not all(isinstance(c, dict) for c in data):
@@ -376,8 +403,9 @@ def count_trainable(data):
             everything, with_duplicates, tensors, with_grad = (
                 ref[key] for key in ("everything", "with_duplicates", "tensors", "with_grad"))
             if got == with_grad and got != want:
-                hint = ("it counts parameters that have a `.grad`: there is none before the first backward, nor after "
-                        "`zero_grad(set_to_none=True)`. Decide by `p.requires_grad` instead.")
+                hint = ("it counts parameters that have a `.grad`: there is none before the first backward nor after "
+                        "`zero_grad(set_to_none=True)`, and a parameter frozen after a backward keeps its old one. "
+                        "Decide by what makes a parameter trainable, not by what a backward left behind.")
             elif got == everything - want and got != everything:
                 hint = "it counts the frozen parameters: the condition is inverted."
             elif got == everything:

@@ -1,7 +1,8 @@
 """Lesson 06 — Mixed precision: fp16 and bf16.
 
-Targets come from the lesson's fixed inputs: the course model's config (``course_dims``), the constants below
-and ``helpers.estimate.predict``; exercise 1 judges against the lesson's own measured largest gradient.
+Targets come from the lesson's fixed inputs: the course model's config (``course_dims``), a shipped reference
+config (``CROSSOVER_MODEL``, exercise 3: a model the lesson does not run), the constants below and
+``helpers.estimate.predict``; exercise 1 judges against the lesson's own measured largest gradient.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ LESSON = "06_mixed_precision"
 FP16_MAX = 65504.0
 MAX_BATCH = 4096  # how far the crossover search looks
 SEQ_LEN = 128  # exercise 3: sequences of 128 tokens (the notebook's sweep and its exercise text)
+# Exercise 3 asks about another model than the course model the notebook sweeps, so no printed row answers it.
+CROSSOVER_MODEL = "smollm2-1.7b"
 
 
 def _course_context() -> dict:
     from ..capstone import course_dims
 
     return {"dims": course_dims()}
+
+
+def _crossover_context() -> dict:
+    from ..capstone import course_dims
+    from ..models import reference_config
+
+    return {"dims": Dims.of(reference_config(CROSSOVER_MODEL)), "seq_len": SEQ_LEN, "course": course_dims()}
 
 
 def _whole(value: float) -> int | None:
@@ -30,7 +40,7 @@ def _whole(value: float) -> int | None:
 # ------------------------------------------------------------------------------------------------
 # Exercise 2: the 16-bit weight copies autocast keeps for backward
 # ------------------------------------------------------------------------------------------------
-@exercise("autocast_copy_bytes", lesson=LESSON, context=_course_context)
+@exercise("autocast_copy_bytes", lesson=LESSON, context=_course_context, kind="predict", tolerance=0.0)
 def autocast_copy_bytes(answer, dims):
     """Bytes of the bf16 weight copies a forward under autocast leaves in the graph (every linear layer's
     weight, and the lm_head's). Exact: the answer is a product of whole numbers."""
@@ -50,6 +60,8 @@ def autocast_copy_bytes(answer, dims):
                                                             "a weight."),
                         (2 * (blocks + 2 * d.embedding_params), "the embedding lookup runs in fp32; only the lm_head "
                                                                 "is a matmul autocast casts."),
+                        (2 * d.block_linear_params, f"that is one block's copies: all {d.layers} blocks run their "
+                                                    "linear layers under autocast, and the lm_head too."),
                         (2 * ((d.layers - 1) * d.block_linear_params + d.embedding_params),
                          f"one block short: all {d.layers} blocks (dims.layers) cast their seven linear layers.")):
         if wrong != want and abs(value - wrong) < 0.5:
@@ -72,31 +84,33 @@ def largest_safe_scale(largest_gradient: float) -> float:
     return 2.0 ** math.floor(math.log2(FP16_MAX / largest_gradient))
 
 
-@exercise("largest_loss_scale", lesson=LESSON, measured=("largest_gradient",))
+@exercise("largest_loss_scale", lesson=LESSON, measured=("largest_gradient",), kind="calculate", tolerance=0.0)
 def largest_loss_scale(answer, largest_gradient):
-    """The largest power-of-two loss scale that keeps the lesson's measured ``largest_gradient`` finite in fp16.
-    Exact: a power of two."""
+    """The exponent n of the largest power-of-two loss scale S = 2**n that keeps the lesson's measured
+    ``largest_gradient`` finite in fp16. Exact: a whole number. (The exponent, not S itself: S is a power of two,
+    and every power of two from 1,024 up reads as a small number in KiB or MiB somewhere on any page.)"""
     g = as_number(largest_gradient, "the measured largest gradient (a number)")
     if not g > 0:
         return False, "the measured largest_gradient must be a positive number: rerun the cell that measures it."
-    value = as_number(answer, "a loss scale (a number such as 1024.0)")
-    want = largest_safe_scale(g)
+    value = as_number(answer, "an exponent n (a whole number such as 10, for S = 2 ** 10)")
+    want = int(math.log2(largest_safe_scale(g)))
+    scale = 2.0 ** want
     if value == want:
-        return True, (f"{want:g} = 2^{int(math.log2(want))}: {g:.4g} x {want:g} = "
-                      f"{g * want:,.0f} <= 65,504, and twice that would overflow.")
-    if value <= 0:
-        return False, f"you said {value:g}: a loss scale multiplies the loss, so it is a positive number."
-    exponent = math.log2(want)
-    if value == exponent:
-        return False, f"you gave the exponent {value:g}; give the scale itself, 2 ** {value:g}."
-    if value * g > FP16_MAX:
-        return False, (f"you said {value:g}: {g:.4g} x {value:g} = {g * value:,.0f} is above fp16's largest value, "
-                       "65,504 — that gradient would become inf (the step is skipped).")
-    if math.log2(value) % 1:
+        return True, (f"S = 2^{want} = {scale:,.0f}, so n = {want}: {g:.4g} x {scale:,.0f} = {g * scale:,.0f} <= "
+                      "65,504, and twice that would overflow.")
+    n = _whole(value)
+    if value == scale or (n is not None and n > 64 and math.log2(n) % 1 == 0):
+        return False, f"you said {value:,.0f}: that is a scale S; give its exponent n (S = 2 ** n)."
+    if n is None:
         return False, (f"you said {value:g}: GradScaler only uses powers of two (multiplying by one is exact in "
-                       "floating point); round 65,504 / largest_gradient down to a power of two.")
-    return False, (f"you said {value:g}: that is safe, but not the largest — {2 * value:g} is safe too. The larger "
-                   "the scale, the more small gradients survive.")
+                       "floating point), so n is a whole number: round log2(65,504 / largest_gradient) down.")
+    if n > 1023:
+        return False, f"you said {value:g}: far above any loss scale fp32 can even hold; n is a small whole number."
+    if n > want:
+        return False, (f"you said {n}: {g:.4g} x 2^{n} is above fp16's largest value, 65,504 — that gradient would "
+                       "become inf (the step is skipped).")
+    return False, (f"you said {n}: 2^{n} is safe, but not the largest — 2^{n + 1} is safe too. The larger the scale, "
+                   "the more small gradients survive.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,9 +125,11 @@ def autocast_crossover(dims, seq_len: int, recipe: Recipe = Recipe()) -> int | N
     return None
 
 
-@exercise("autocast_pays_from_batch", lesson=LESSON, context=lambda: {**_course_context(), "seq_len": SEQ_LEN})
-def autocast_pays_from_batch(answer, dims, seq_len: int):
-    """The smallest batch size (sequences of ``seq_len``) at which autocast bf16's predicted peak is below fp32's."""
+@exercise("autocast_pays_from_batch", lesson=LESSON, context=_crossover_context, kind="calculate", tolerance=0.0)
+def autocast_pays_from_batch(answer, dims, seq_len: int, course=None):
+    """The smallest batch size (sequences of ``seq_len``) at which autocast bf16's predicted peak is below fp32's,
+    for the model ``dims`` (the notebook's reference model). ``course``: the lesson's own model, whose crossover
+    the notebook shows, for a specific hint when that is the answer given."""
     d = Dims.of(dims)
     want = autocast_crossover(d, seq_len)
     if want is None:
@@ -127,6 +143,10 @@ def autocast_pays_from_batch(answer, dims, seq_len: int):
         r = Recipe(batch_size=batch, seq_len=seq_len)
         return predict(d, r).peak, predict(d, r.but(autocast="bf16")).peak
 
+    if course is not None and Dims.of(course) != d and b != want and b == autocast_crossover(Dims.of(course), seq_len):
+        return False, (f"you said {b}: that is the course model's crossover (the sweep above). This model has "
+                       f"{d.layers} blocks of hidden size {d.hidden}: its weight copies and its activations per token "
+                       "are both larger, in a different ratio — run predict with its own dims.")
     if b > MAX_BATCH:
         return False, f"you said {b:,}: autocast is lower well before that; find the smallest batch size."
     fp32, amp = peaks(b)

@@ -1,29 +1,51 @@
 """Lesson 07 — Gradient accumulation.
 
-Targets come from the lesson's fixed inputs: the course model's config (``course_dims``), the constants below
-(the notebook uses the same values; tests/test_checks_lesson07.py holds them together) and
-``helpers.estimate.predict``.
+Targets come from the lesson's fixed inputs: the course model's config (``course_dims``), a shipped reference
+config (``OOM_MODEL``, exercise 4: a run the lesson does not make), the constants below (the notebook uses the
+same values; tests/test_checks_lesson07.py holds them together) and ``helpers.estimate.predict``.
 """
 
 from __future__ import annotations
 
 from ..checks import AnswerError, as_number, close, exercise, human_bytes, ratio_hint
 from ..estimate import Dims, Recipe, predict
+from ..planner import USABLE
 
 LESSON = "07_gradient_accumulation"
 MiB = 2**20
 GiB = 2**30
 
-# Exercise 1: four padded rows of SHORT tokens, one row per micro-batch; LENGTHS are their real tokens.
+# Exercise 1: four padded rows of SHORT tokens, one row per micro-batch; LENGTHS are their real tokens (every row
+# padded, and no count equal to one of the lesson's other numbers).
 SHORT = 32
-LENGTHS = (32, 24, 8, 4)
+LENGTHS = (30, 17, 9, 6)
 # Exercise 2: LoRA r=16 on every linear layer, an effective batch of EFFECTIVE rows of SEQ tokens, as K
 # micro-batches of EFFECTIVE // K rows.
 SEQ, EFFECTIVE, K, LORA_RANK = 64, 4, 4, 16
 PEAK_RECIPE = Recipe(batch_size=EFFECTIVE // K, seq_len=SEQ, gradient_accumulation_steps=K, lora_rank=LORA_RANK,
                      lora_targets="all-linear")
-# Exercise 3: full fine-tuning of 512-token rows, EFFECTIVE_ROWS rows per optimizer step, a BUDGET of 6 GiB.
-BUDGET_RECIPE, EFFECTIVE_ROWS, BUDGET = Recipe(seq_len=512), 32, 6 * GiB
+# Exercise 3: full fine-tuning of 512-token rows, EFFECTIVE_ROWS rows per optimizer step, on a GPU sold as 8 GB:
+# the budget for tensors is USABLE (90 %) of its label, the rest left to the CUDA context, cuBLAS workspaces and the
+# caching allocator's slack (helpers.planner's rule).
+BUDGET_CARD_GB = 8
+BUDGET_RECIPE, EFFECTIVE_ROWS, BUDGET = Recipe(seq_len=512), 32, int(BUDGET_CARD_GB * 1e9 * USABLE)
+# Exercise 4 (diagnose): a full fine-tune of OOM_MODEL (fp32, AdamW) at OOM_RECIPE does not fit a GPU sold as
+# OOM_CARD_GB; which one change makes it fit? Each option changes the recipe as given; exactly one fits, with a
+# clear margin (tests/test_checks_lesson07.py holds the margins: the fix at most 90 % of the budget, every other
+# option at least 110 %).
+OOM_MODEL = "smollm2-360m"
+OOM_RECIPE = Recipe(batch_size=16, seq_len=1024)
+OOM_CARD_GB = 12
+OOM_BUDGET = int(OOM_CARD_GB * 1e9 * USABLE)
+OOM_OPTIONS = {
+    "a": ("gradient accumulation: 16 micro-batches of 1 row (still 16 rows per optimizer step)",
+          {"batch_size": 1, "gradient_accumulation_steps": 16}),
+    "b": ("gradient checkpointing, same batch", {"gradient_checkpointing": True}),
+    "c": ("8-bit AdamW", {"optimizer": "adamw8bit"}),
+    "d": ("freeze every block but the top 4 (and the embedding)", {"trainable_blocks": 4}),
+    "e": ("LoRA, rank 16 on every linear layer, base frozen", {"lora_rank": 16, "lora_targets": "all-linear"}),
+    "f": ("bf16 mixed precision (autocast, fp32 master weights)", {"autocast": "bf16"}),
+}
 
 # Exercise 2's honest answers: predict(...) itself, or the lesson's measured baseline recombined (weights +
 # optimizer state + the adapters' gradients + activations / k), which the notebook shows within 0.01 % of the
@@ -50,7 +72,8 @@ def _micro_batches(lengths) -> list[list[int]]:
     return [list(m) if isinstance(m, (list, tuple)) else [m] for m in lengths]
 
 
-@exercise("num_items_in_batch", lesson=LESSON, context=lambda: {"lengths": LENGTHS, "seq_len": SHORT})
+@exercise("num_items_in_batch", lesson=LESSON, context=lambda: {"lengths": LENGTHS, "seq_len": SHORT},
+          kind="predict", tolerance=0.0)
 def num_items_in_batch(answer, lengths, seq_len: int | None = None):
     """The number of predicted tokens in one optimizer step: over every micro-batch, each row of ``L`` real
     tokens (padding after them, labelled -100) has ``L - 1`` targets, because a causal LM predicts token t+1.
@@ -89,7 +112,8 @@ def num_items_in_batch(answer, lengths, seq_len: int | None = None):
 # ------------------------------------------------------------------------------------------------
 # Exercise 2: the peak of a step with k micro-batches (predict before measuring)
 # ------------------------------------------------------------------------------------------------
-@exercise("accumulation_peak", lesson=LESSON, context=lambda: {**_course_context(), "recipe": PEAK_RECIPE})
+@exercise("accumulation_peak", lesson=LESSON, context=lambda: {**_course_context(), "recipe": PEAK_RECIPE},
+          kind="predict", tolerance=PEAK_TOLERANCE)
 def accumulation_peak(answer, dims, recipe: Recipe):
     """Peak bytes of one optimizer step of ``recipe`` (k micro-batches, AdamW, fp32; LoRA adapters if the recipe
     has them), within ``PEAK_TOLERANCE`` of ``helpers.estimate.predict``."""
@@ -157,7 +181,7 @@ def _split(answer) -> tuple[float, float]:
 
 @exercise("micro_batch_for_budget", lesson=LESSON,
           context=lambda: {**_course_context(), "recipe": BUDGET_RECIPE, "effective_batch": EFFECTIVE_ROWS,
-                           "budget": BUDGET})
+                           "budget": BUDGET}, kind="calculate", tolerance=0.0)
 def micro_batch_for_budget(answer, dims, recipe: Recipe, effective_batch: int, budget: int):
     """``(micro_batch, k)``: the largest micro-batch whose predicted peak fits ``budget`` with k micro-batches
     making up ``effective_batch`` rows per optimizer step."""
@@ -181,3 +205,95 @@ def micro_batch_for_budget(answer, dims, recipe: Recipe, effective_batch: int, b
                   "The optimizer sees the same batch of "
                   f"{effective_batch} rows as without accumulation, so training is unchanged; each step just takes "
                   "longer.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Exercise 4: a run that does not fit: which one change makes it fit? (diagnose)
+# ------------------------------------------------------------------------------------------------
+def _oom_context() -> dict:
+    from ..models import reference_config
+
+    return {"dims": Dims.of(reference_config(OOM_MODEL)), "recipe": OOM_RECIPE, "budget": OOM_BUDGET,
+            "options": {letter: changes for letter, (_, changes) in OOM_OPTIONS.items()}}
+
+
+def oom_reports(dims, recipe: Recipe, options: dict) -> dict:
+    """The predicted report of each option: ``recipe`` with that option's changes."""
+    return {letter: predict(dims, recipe.but(**changes)) for letter, changes in options.items()}
+
+
+def _choice(answer, options: dict) -> str:
+    letters = ", ".join(f"'{k}'" for k in options)
+    if not isinstance(answer, str):
+        raise AnswerError(f"give one letter as a string: one of {letters}.")
+    letter = answer.strip().lower().strip("()[].: ")
+    if letter not in options:
+        raise AnswerError(f"you said {answer[:40]!r}: give one letter, one of {letters}.")
+    return letter
+
+
+def _what_changed(changes: dict, base, after, dims, recipe: Recipe) -> str:
+    """What the option does to the breakdown, in this run's numbers (GiB)."""
+    def g(x):
+        return f"{x / GiB:,.2f}"
+
+    logits = 3 * recipe.batch_size * recipe.seq_len * dims.vocab * 4  # fp32 logits, log-softmax and gradient
+    if changes.get("gradient_accumulation_steps", 1) > 1:
+        rows = changes.get("batch_size", recipe.batch_size)
+        return (f"one micro-batch of {rows} row{'s' if rows != 1 else ''} is alive at a time: the "
+                f"activations fall from {g(base.activations)} to {g(after.activations)} GiB, while the gradients "
+                f"({g(after.gradients)} GiB) now stay alive across micro-batches")
+    if changes.get("gradient_checkpointing"):
+        return (f"the blocks keep only their inputs, but the logits are not checkpointed: at the start of the backward "
+                f"pass the fp32 logits of {recipe.batch_size * recipe.seq_len:,} tokens and their gradients take "
+                f"{g(logits)} GiB (3 x tokens x {dims.vocab:,} x 4 bytes), so the activations only fall from "
+                f"{g(base.activations)} to {g(after.activations)} GiB")
+    if "optimizer" in changes:
+        return (f"it shrinks the optimizer state from {g(base.optimizer)} to {g(after.optimizer)} GiB, but the "
+                f"activations ({g(after.activations)} GiB, {after.activations / base.peak:.0%} of the run's peak) "
+                "are what does not fit, and they do not change")
+    if changes.get("trainable_blocks") is not None:
+        return (f"the optimizer state falls from {g(base.optimizer)} to {g(after.optimizer)} GiB and the frozen blocks "
+                f"keep less for backward, but the top blocks' activations and the logits ({g(logits)} GiB with their "
+                f"gradients) remain: activations {g(after.activations)} GiB")
+    if changes.get("lora_rank"):
+        return (f"the optimizer state falls to {g(after.optimizer)} GiB, but backpropagation still runs through every "
+                f"block to reach the adapters: the activations only fall from {g(base.activations)} to "
+                f"{g(after.activations)} GiB")
+    if changes.get("autocast"):
+        return (f"the activations are stored partly in bf16 ({g(base.activations)} -> {g(after.activations)} GiB: the "
+                "residual stream, the norms and the logits stay fp32) and autocast adds 16-bit weight copies")
+    return (f"weights {g(after.weights)}, gradients {g(after.gradients)}, optimizer state {g(after.optimizer)}, "
+            f"activations {g(after.activations)} GiB")
+
+
+@exercise("diagnose_out_of_memory", lesson=LESSON, context=_oom_context, kind="diagnose", tolerance=0.0)
+def diagnose_out_of_memory(answer, dims, recipe: Recipe, budget: int, options: dict):
+    """One letter of ``options``: the change whose predicted peak fits ``budget`` bytes. Each wrong option's
+    feedback says, with this run's numbers, what it shrinks and why that is not enough."""
+    d = Dims.of(dims)
+    letter = _choice(answer, options)
+    base = predict(d, recipe)
+    reports = oom_reports(d, recipe, options)
+    after = reports[letter]
+    why = _what_changed(options[letter], base, after, d, recipe)
+    fitting = [k for k, r in reports.items() if r.peak <= budget]
+    where = f"predicted peak {after.peak / GiB:,.2f} GiB"
+    if after.peak <= budget:
+        others = ", ".join(f"{k} {r.peak / GiB:,.1f}" for k, r in reports.items() if k != letter)
+        changes = options[letter]
+        if changes.get("gradient_accumulation_steps", 1) > 1:
+            cost = ("The optimizer still sees the same rows per step, so training is unchanged; each step takes "
+                    "longer (smaller matmuls).")
+        elif changes.get("gradient_checkpointing"):
+            cost = "The gradients are unchanged; each step recomputes the forward pass (about 30 % more time)."
+        else:
+            cost = "This option changes what is trained or how: measure the quality it costs."
+        return True, (f"({letter}) {where}, {(budget - after.peak) / GiB:,.2f} GiB under the {budget / GiB:,.2f} GiB "
+                      f"budget: {why}. The report said where to look: activations were "
+                      f"{base.activations / base.peak:.0%} of the peak. The other options peak at (GiB) {others}. "
+                      + cost)
+    hint = "" if fitting else " (none of the options fits: tell your instructor)"
+    return False, (f"({letter}) {where}, still {(after.peak - budget) / GiB:,.2f} GiB over the {budget / GiB:,.2f} GiB "
+                   f"budget: {why}. Look at which category of the report is too large, and which option shrinks "
+                   f"that one enough{hint}.")

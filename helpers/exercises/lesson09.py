@@ -1,8 +1,9 @@
 """Lesson 09 — Sharding across processes: Accelerate, FSDP, DeepSpeed ZeRO.
 
-Targets come from the lesson's fixed inputs: the shipped LLaMA 13B config and the scenario below
-(exercise 1), the course model's config with the runs' ``MID_LAYERS`` blocks and ``WORLD_SIZE`` ranks
-(exercise 2), and DeepSpeed's own config classes (exercise 3).
+Every exercise is a configuration the lesson's runs did not use (they train a 4-block model on 2 ranks in fp32):
+exercise 1 the shipped Qwen2.5-14B config on a node of 8 GPUs of 80 GB; exercise 2 the full course model on
+``ZERO2_RANKS`` ranks in bf16; exercise 3 a DeepSpeed config for ``CONFIG_SCENARIO`` (4 ranks, a global batch the
+learner must split), judged by DeepSpeed's own config class.
 """
 
 from __future__ import annotations
@@ -11,26 +12,31 @@ import difflib
 import json
 import logging
 import math
-from types import SimpleNamespace
 
 from ..checks import AnswerError, as_number, close, exercise, human_bytes
-from ..sharding import WORLD_SIZE, zero_model_states
+from ..planner import USABLE
+from ..sharding import zero_model_states
 
 LESSON = "09_sharding"
 GB = 1e9
 
-# Exercise 1: LLaMA 13B, mixed-precision AdamW, one node of 8 GPUs of 80 GB, 25 % kept for activations.
-SCENARIO_MODEL = "llama-13b"
-SCENARIO = {"gpu_bytes": 80 * GB, "gpus": 8, "headroom": 0.25}
-# Exercise 2: the runs' mid-size model, mid_size_model(layers=MID_LAYERS) (shard_worker's --layers default).
-MID_LAYERS = 4
-# Exercise 2's honest answers: 12 x params / ranks exactly, the same plus the 4-byte step counter the ranks
-# measure, or the measured table read in MiB to one decimal (0.02 %). 0.05 % allows those; MB for MiB
-# (4.9 %), a forgotten master copy (33 %) or an unsharded state fail.
+# Exercise 1: Qwen2.5-14B, mixed-precision AdamW, one node of 8 GPUs of 80 GB. The budget per GPU is the part of
+# the card the course counts as usable (USABLE, 90 %: the CUDA context, cuBLAS workspace and allocator slack take
+# the rest, lesson 00), less 25 % of that for activations and communication buffers: 54 GB. Stage 2 needs 55.4 GB
+# (it would fit the whole 80 GB less 25 %: the mistake of forgetting the context), stage 3 29.5 GB.
+SCENARIO_MODEL = "qwen2.5-14b"
+SCENARIO = {"gpu_bytes": 80 * GB, "gpus": 8, "usable": USABLE, "headroom": 0.25}
+# Exercise 2: the full course model, bf16 mixed precision, DeepSpeed ZeRO-2 on ZERO2_RANKS ranks (the runs: 2).
+ZERO2_RANKS = 4
+# Exercise 2's honest answers: 12 x params / ranks exactly, or plus the 4-byte step counter, or a MiB figure read
+# to one decimal (0.03 %). 0.05 % allows those; MB for MiB (4.9 %), a forgotten master copy (33 %), bf16 moments
+# (50 %) or the lesson's 2 ranks (100 %) fail.
 OPTIMIZER_TOLERANCE = 5e-4
-# Exercise 3: 'auto' values are filled as the HF Trainer fills them for a run like the lesson's: WORLD_SIZE
-# ranks, micro-batches of one row (unless the config gives its own), the course model's width.
-TRAINER_STEPS = 100
+# The runs' mid-size model (shard_worker's --layers default): a learner who counts it instead of the course model.
+MID_LAYERS = 4
+# Exercise 3: the scenario the config is written for. The script calls deepspeed.initialize itself (no Trainer,
+# so nothing fills "auto") and lets DeepSpeed build the optimizer from the config.
+CONFIG_SCENARIO = {"world_size": 4, "micro_batch": 8, "global_batch": 128}
 
 
 def _scenario_context() -> dict:
@@ -40,21 +46,24 @@ def _scenario_context() -> dict:
     return {"params": Dims.of(reference_config(SCENARIO_MODEL)).params, **SCENARIO}
 
 
-def _mid_size_context() -> dict:
-    import dataclasses
-
+def _course_context() -> dict:
     from ..capstone import course_dims
 
-    return {"params": dataclasses.replace(course_dims(), layers=MID_LAYERS).params, "world_size": WORLD_SIZE}
+    return {"params": course_dims().params, "world_size": ZERO2_RANKS}
 
 
 # ------------------------------------------------------------------------------------------------
 # Exercise 1: the ZeRO stage for a model, a GPU size and a GPU count
 # ------------------------------------------------------------------------------------------------
-def fitting_stage(params: int, gpu_bytes: float, gpus: int, headroom: float) -> int | None:
-    """The lowest ZeRO stage (least communication) whose mixed-precision model states fit in ``(1 - headroom)``
-    of one GPU; None if even stage 3 does not."""
-    budget = gpu_bytes * (1 - headroom)
+def stage_budget(gpu_bytes: float, usable: float, headroom: float) -> float:
+    """Bytes of model states one GPU may hold: the usable part of the card, less ``headroom`` of it."""
+    return gpu_bytes * usable * (1 - headroom)
+
+
+def fitting_stage(params: int, gpu_bytes: float, gpus: int, usable: float, headroom: float) -> int | None:
+    """The lowest ZeRO stage (least communication) whose mixed-precision model states fit ``stage_budget``;
+    None if even stage 3 does not."""
+    budget = stage_budget(gpu_bytes, usable, headroom)
     for stage in range(4):
         if sum(zero_model_states(params, stage, gpus).values()) <= budget:
             return stage
@@ -82,29 +91,36 @@ def _as_stage(answer):
     return int(value)
 
 
-@exercise("zero_stage_choice", lesson=LESSON, context=_scenario_context)
-def zero_stage_choice(answer, params, gpu_bytes, gpus, headroom):
+@exercise("zero_stage_choice", lesson=LESSON, context=_scenario_context, kind="calculate")
+def zero_stage_choice(answer, params, gpu_bytes, gpus, usable, headroom):
     """The lowest ZeRO stage whose per-GPU model states (bf16 weights and gradients, fp32 Adam: 2 + 2 + 12 bytes
-    per parameter) fit in the part of one GPU left after ``headroom`` (kept for activations)."""
+    per parameter) fit ``stage_budget``: the usable part of one GPU less ``headroom`` of it (activations)."""
     stage = _as_stage(answer)
-    want = fitting_stage(params, gpu_bytes, gpus, headroom)
-    budget = gpu_bytes * (1 - headroom)
+    want = fitting_stage(params, gpu_bytes, gpus, usable, headroom)
+    budget = stage_budget(gpu_bytes, usable, headroom)
+    whole_card = gpu_bytes * (1 - headroom)  # the budget of a learner who forgets the CUDA context and allocator
     need = {s: sum(zero_model_states(params, s, gpus).values()) for s in range(4)}
     table = "; ".join(f"stage {s}: {human_bytes(b)}" for s, b in need.items())
+    how = (f"{1 - headroom:.0%} of the {usable:.0%} of {human_bytes(gpu_bytes)} the CUDA context and the allocator "
+           "leave usable")
     if stage == want:
         if want is None:
             return True, (f"right: even stage 3 needs {human_bytes(need[3])} per GPU, over the {human_bytes(budget)} "
-                          "budget: add GPUs, or offload (ZeRO-Offload / ZeRO-Infinity).")
+                          f"budget ({how}): add GPUs, or offload (ZeRO-Offload / ZeRO-Infinity).")
         return True, (f"stage {want}: {human_bytes(need[want])} of model states per GPU fits the {human_bytes(budget)} "
-                      f"budget, and no lower stage does ({table}). Each stage further shards more, and stage 3 adds "
+                      f"budget ({how}), and no lower stage does ({table}). Each stage shards more, and stage 3 adds "
                       "a parameter all-gather in every forward and backward: take the lowest stage that fits.")
     if stage is None:
-        return False, (f"a stage does fit: per GPU, {table}; the budget is {human_bytes(budget)} "
-                       f"({1 - headroom:.0%} of {human_bytes(gpu_bytes)}).")
+        return False, f"a stage does fit: per GPU, {table}; the budget is {human_bytes(budget)} ({how})."
     if need[stage] > budget:
+        if need[stage] <= whole_card:
+            return False, (f"stage {stage} needs {human_bytes(need[stage])} per GPU: under {1 - headroom:.0%} of the "
+                           f"whole {human_bytes(gpu_bytes)}, but not of the usable {usable:.0%} "
+                           f"({human_bytes(budget)}). The CUDA context, cuBLAS workspace and the caching allocator's "
+                           "slack take their share before your first tensor (lesson 00).")
         return False, (f"stage {stage} needs {human_bytes(need[stage])} of model states per GPU: over the "
-                       f"{human_bytes(budget)} budget ({1 - headroom:.0%} of {human_bytes(gpu_bytes)}). Use the "
-                       "ZeRO formulas: stage 1 4Ψ + 12Ψ/N, stage 2 2Ψ + 14Ψ/N, stage 3 16Ψ/N.")
+                       f"{human_bytes(budget)} budget ({how}). Use the ZeRO formulas: stage 1 4Ψ + 12Ψ/N, stage 2 "
+                       "2Ψ + 14Ψ/N, stage 3 16Ψ/N.")
     if want is None:  # pragma: no cover (a stage that fits makes want a stage)
         return False, "no stage fits this scenario."
     return False, (f"stage {stage} fits ({human_bytes(need[stage])} per GPU), but stage {want} already fits "
@@ -112,42 +128,62 @@ def zero_stage_choice(answer, params, gpu_bytes, gpus, headroom):
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 2: predict the per-rank optimizer state of the ZeRO-2 run
+# Exercise 2: the per-rank optimizer state of ZeRO-2 for another model, precision and world size
 # ------------------------------------------------------------------------------------------------
-@exercise("zero2_optimizer_bytes", lesson=LESSON, context=_mid_size_context)
+@exercise("zero2_optimizer_bytes", lesson=LESSON, context=_course_context, kind="calculate",
+          tolerance=OPTIMIZER_TOLERANCE)
 def zero2_optimizer_bytes(answer, params, world_size):
-    """Bytes of optimizer state one rank of the DeepSpeed ZeRO-2 run holds (fp32 weights, torch AdamW; DeepSpeed
-    adds its fp32 master partition): 12 bytes per parameter over the ranks, within ``OPTIMIZER_TOLERANCE``."""
+    """Bytes of optimizer state one rank holds under DeepSpeed ZeRO-2 with bf16 weights and AdamW: DeepSpeed keeps
+    an fp32 master copy and fp32 moments whatever the weights' dtype, 12 bytes per parameter over the ranks,
+    within ``OPTIMIZER_TOLERANCE``."""
+    import dataclasses
+
+    from ..capstone import course_dims
+
     value = as_number(answer, "a number of bytes")
     want = 12 * params / world_size
     if close(value, want, OPTIMIZER_TOLERANCE):
         return True, (f"{want:,.0f} bytes ({human_bytes(want)}, {want / 2**20:,.1f} MiB): the fp32 master copy "
-                      f"(4 bytes) and AdamW's two moments (8 bytes) of each of the {params:,} parameters, each rank "
-                      f"keeping 1/{world_size} of them. The ranks measure 4 bytes more: AdamW's step counter.")
-    hints = [(8 * params / world_size, "you left out DeepSpeed's fp32 master partition: it keeps one (4 bytes per "
-                                       "parameter, sharded like the moments) even when the weights are fp32."),
+                      f"(4 bytes) and AdamW's two fp32 moments (8 bytes) of each of the {params:,} parameters, each "
+                      f"rank keeping 1/{world_size} of them. bf16 weights do not make the state 16-bit: DeepSpeed "
+                      "keeps it in fp32 (K = 12 in the ZeRO paper). Add AdamW's 4-byte step counter to match a "
+                      "measurement to the byte.")
+    mid = dataclasses.replace(course_dims(), layers=MID_LAYERS).params if params == course_dims().params else None
+    hints = [(6 * params / world_size, "that keeps the master copy and the moments in bf16 (2 bytes each): "
+                                       "DeepSpeed's mixed-precision optimizer keeps all three in fp32, whatever "
+                                       "the weights' dtype."),
+             (4 * params / world_size, "that keeps the moments in bf16 and no master copy: DeepSpeed keeps an fp32 "
+                                       "master copy and fp32 moments, 12 bytes per parameter."),
+             (8 * params / world_size, "you left out DeepSpeed's fp32 master partition: it keeps one (4 bytes per "
+                                       "parameter, sharded like the moments) besides AdamW's two moments."),
+             (12 * params / 2, f"that divides by 2 ranks, the lesson's runs: this job has {world_size}."),
              (12 * params, f"that is every parameter's state: ZeRO-1 and up shard the optimizer state over the "
                            f"{world_size} ranks."),
              (8 * params, "that is AdamW's moments for every parameter: they are sharded, and DeepSpeed adds an fp32 "
                           "master partition."),
-             (16 * params / world_size, "that counts the gradient partition too (4 bytes per parameter): the "
+             (14 * params / world_size, "that adds the bf16 gradient partition (2 bytes per parameter): the "
                                         "question asks for optimizer state only."),
-             (6 * params / world_size, "these weights are fp32, not 16-bit: the master copy and both moments are "
-                                       "4 bytes each."),
+             (16 * params / world_size, "that adds an fp32 gradient partition (4 bytes per parameter, what "
+                                        "DeepSpeed's own estimator also counts): the question asks for optimizer "
+                                        "state only."),
              (want / 2**20 * 1e6, "that looks like MiB multiplied by 10^6: a MiB is 2^20 bytes (4.9 % more)."),
              (want / 1e6 * 2**20, "that looks like MB multiplied by 2^20: a MB is 10^6 bytes."),
              (8 * want, "that looks like bits; give bytes."),
              (want / 2**20, "that looks like MiB; give bytes."),
              (want / 1e6, "that looks like MB; give bytes.")]
+    if mid:
+        hints.append((12 * mid / world_size, f"that is the runs' {MID_LAYERS}-block model: the question is about "
+                                             "the full course model."))
     for other, hint in hints:
         if close(value, other, 0.005):
             return False, f"you said {value:,.0f}: {hint}"
     return False, (f"you said {value:,.0f}. Count the bytes per parameter DeepSpeed's optimizer keeps (master "
-                   "weights and Adam's two moments), times the parameters, over the ranks.")
+                   "weights and Adam's two moments, in fp32 whatever the weights are), times the parameters, over "
+                   "the ranks.")
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 3: a DeepSpeed config for ZeRO-2 with the optimizer offloaded to CPU memory
+# Exercise 3: a DeepSpeed config for ZeRO-2 with the optimizer offloaded to CPU memory, for a scenario
 # ------------------------------------------------------------------------------------------------
 class _Rejected(Exception):
     """A config DeepSpeed (or the HF integration filling it) would not run; the message says why."""
@@ -186,38 +222,6 @@ def _autos(node, prefix: str = "") -> list[str]:
     if isinstance(node, list):
         return [key for i, v in enumerate(node) for key in _autos(v, f"{prefix}{i}.")]
     return [prefix.rstrip(".")] if node == "auto" else []
-
-
-def _fill_auto(config: dict, world_size: int, hidden: int) -> dict:
-    """``config`` with its "auto" values filled the way the HF Trainer fills them (transformers'
-    HfTrainerDeepSpeedConfig, given TrainingArguments that agree with the config's own numbers)."""
-    import dataclasses
-
-    import transformers.integrations.deepspeed as hf_ds
-    from transformers import TrainingArguments
-
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
-                if f.default is not dataclasses.MISSING}
-    micro, accumulation = (_whole(config.get(k)) for k in ("train_micro_batch_size_per_gpu",
-                                                            "gradient_accumulation_steps"))
-    total = _whole(config.get("train_batch_size"))
-    accumulation = accumulation or 1
-    if micro is None:
-        micro = total // (accumulation * world_size) if total and total % (accumulation * world_size) == 0 else 1
-    args = SimpleNamespace(**{**defaults, "world_size": world_size, "per_device_train_batch_size": micro,
-                              "gradient_accumulation_steps": accumulation,
-                              "get_warmup_steps": lambda steps: 0})
-    saved = hf_ds._hf_deepspeed_config_weak_ref  # the HF integration keeps a global; leave it as it was
-    try:
-        filled = hf_ds.HfTrainerDeepSpeedConfig(config)
-        # Only fill: the stand-in TrainingArguments are not the learner's, so a mismatch with them says nothing.
-        filled.fill_match = lambda key, value, hf_key=None, must_match=True: filled.fill_only(key, value)
-        filled.trainer_config_process(args)
-        filled.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden)),
-                                       TRAINER_STEPS)
-        return filled.config
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 class _World:
@@ -313,18 +317,27 @@ def _scheduler_problem(config: dict) -> str | None:
     return None
 
 
-def _course_hidden() -> int:
-    from ..capstone import course_dims
+def _hint_batch(parsed, world_size: int, micro_batch: int, global_batch: int) -> str | None:
+    got = (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps)
+    want = (global_batch, micro_batch, global_batch // (micro_batch * world_size))
+    if got == want:
+        return None
+    total, micro, steps = got
+    if total != global_batch:
+        return (f"DeepSpeed reads a global batch of {total} sequences ({micro} per GPU x {steps} accumulation steps x "
+                f"{world_size} GPUs): the job's global batch is {global_batch}.")
+    return (f"DeepSpeed reads {micro} sequences per GPU per micro-step: only {micro_batch} fit on a GPU. Set "
+            "train_micro_batch_size_per_gpu; DeepSpeed derives the accumulation steps from train_batch_size = "
+            "micro-batch x accumulation steps x GPUs.")
 
-    return course_dims().hidden
 
-
-@exercise("zero2_offload_config", lesson=LESSON,
-          context=lambda: {"world_size": WORLD_SIZE, "hidden": _course_hidden()})
-def zero2_offload_config(answer, world_size, hidden):
-    """A DeepSpeed config (a dict, as for ``deepspeed.initialize(config=...)`` or a JSON file) for ZeRO-2 with the
-    optimizer state offloaded to CPU memory. Judged by what DeepSpeed makes of it: "auto" values filled as the HF
-    Trainer fills them, then parsed by ``deepspeed.runtime.config.DeepSpeedConfig`` as each rank would."""
+@exercise("zero2_offload_config", lesson=LESSON, context=lambda: dict(CONFIG_SCENARIO), kind="code")
+def zero2_offload_config(answer, world_size, micro_batch, global_batch):
+    """A DeepSpeed config (a dict, as for ``deepspeed.initialize(config=...)`` or a JSON file) for ``CONFIG_SCENARIO``:
+    ZeRO-2 with the optimizer state offloaded to CPU memory, bf16, no gradient clipping, the batch split over
+    ``world_size`` ranks, and an AdamW optimizer DeepSpeed builds itself (any hyperparameters it accepts).
+    Judged by what DeepSpeed's own ``deepspeed.runtime.config.DeepSpeedConfig`` makes of it, as each rank would
+    build it."""
     if isinstance(answer, str):
         try:
             answer = json.loads(answer)
@@ -343,26 +356,18 @@ def zero2_offload_config(answer, world_size, hidden):
     if not isinstance(zero, dict):
         return False, ("'zero_optimization' must be a dict of ZeRO settings: "
                        "{'zero_optimization': {'stage': ..., ...}}.")
-    try:
-        config = _fill_auto(answer, world_size, hidden)
-    except Exception as err:  # a section that is not a dict, say: DeepSpeed's own reason is the better hint
-        try:
-            _deepspeed_parse(answer, world_size)
-        except _Rejected as rejected:
-            return False, str(rejected)
-        return False, f"the HF integration cannot fill this config's 'auto' values ({type(err).__name__}: {err})."
-    left = _autos(config)
+    left = _autos(answer)
     if left:
-        return False, (f"{', '.join(left)} {'is' if len(left) == 1 else 'are'} 'auto', which neither the HF Trainer "
-                       "nor Accelerate fills in: give a value.")
+        return False, (f"{', '.join(left)} {'is' if len(left) == 1 else 'are'} 'auto': only the HF Trainer and "
+                       "Accelerate fill 'auto' in, and this script calls deepspeed.initialize itself: give values.")
     for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
-        if key in answer and answer[key] != "auto" and _whole(answer[key]) is None:
-            return False, f"{key} is {answer[key]!r}: a whole number of sequences (1 or more), or 'auto'."
+        if key in answer and _whole(answer[key]) is None:
+            return False, f"{key} is {answer[key]!r}: a whole number of sequences (1 or more)."
     if not any(k in answer for k in ("train_micro_batch_size_per_gpu", "train_batch_size")):
-        return False, ("DeepSpeed needs a batch size: set 'train_micro_batch_size_per_gpu' (a number, or 'auto' "
-                       "under the HF Trainer / Accelerate, which fill it in).")
+        return False, ("DeepSpeed needs a batch size: set 'train_batch_size' and/or "
+                       "'train_micro_batch_size_per_gpu' (it derives the rest).")
     try:
-        parsed, unread = _deepspeed_parse(config, world_size)
+        parsed, unread = _deepspeed_parse(answer, world_size)
     except _Rejected as err:
         return False, str(err)
     if unread:
@@ -386,10 +391,34 @@ def zero2_offload_config(answer, world_size, hidden):
     if param is not None and str(getattr(param.device, "value", param.device)) != "none":
         return False, ("'offload_param' offloads the parameters, which only ZeRO-3 does (stage 2 ignores it "
                        "silently): leave it out.")
-    problem = _optimizer_problem(parsed) or _scheduler_problem(config)
+    batch = _hint_batch(parsed, world_size, micro_batch, global_batch)
+    if batch:
+        return False, batch
+    if not parsed.bfloat16_config.enabled:
+        return False, ("DeepSpeed reads no bf16: mixed precision is DeepSpeed's own section here, "
+                       "'bf16': {'enabled': true} (the launcher and the script do not set it).")
+    if parsed.gradient_clipping:
+        return False, (f"DeepSpeed clips the gradient norm at {parsed.gradient_clipping:g} with this config "
+                       "(1.0 is its default when the key is missing): the single-GPU baseline does not clip, so set "
+                       "'gradient_clipping': 0.0.")
+    name = parsed.optimizer_name
+    if name is None:
+        return False, ("no optimizer section: the script passes no optimizer, so DeepSpeed must build one from the "
+                       "config ('optimizer': {'type': 'AdamW', 'params': {'lr': ...}}). Passing a torch.optim "
+                       "optimizer with offload_optimizer is refused unless zero_force_ds_cpu_optimizer is false.")
+    problem = _optimizer_problem(parsed) or _scheduler_problem(answer)
     if problem:
         return False, f"deepspeed.initialize would refuse this: {problem}"
-    return True, (f"DeepSpeed reads ZeRO stage 2 with the optimizer offloaded to the CPU (micro-batch "
-                  f"{parsed.train_micro_batch_size_per_gpu} per rank, {world_size} ranks). The fp32 master weights, "
-                  "the Adam moments and the gradient partition live in CPU memory; the GPU keeps the 16-bit weights "
-                  "and the gradient buckets, and the CPU runs the optimizer step (DeepSpeedCPUAdam).")
+    params = dict(parsed.optimizer_params or {})
+    if name not in ("adamw", "adam") or (name == "adam" and params.get("adam_w_mode") is False):
+        return False, f"DeepSpeed reads optimizer type {name!r}: the job trains with AdamW."
+    for key in ("lr", "weight_decay", "eps"):
+        if key in params and (type(params[key]) not in (int, float) or params[key] < 0):
+            return False, (f"optimizer.params.{key} is {params[key]!r}: DeepSpeedCPUAdam needs a number (0 or more) "
+                           "there.")
+    steps = global_batch // (micro_batch * world_size)
+    return True, (f"DeepSpeed reads ZeRO stage 2 with the optimizer offloaded to the CPU: {micro_batch} sequences "
+                  f"per GPU x {steps} accumulation steps x {world_size} GPUs = {global_batch}, bf16, no clipping, "
+                  "AdamW built by DeepSpeed (DeepSpeedCPUAdam, since the step runs on the CPU). The fp32 master "
+                  "weights, the Adam moments and the gradient partition live in CPU memory; each GPU keeps the bf16 "
+                  "weights and the gradient buckets.")
