@@ -1,6 +1,7 @@
 """Lesson 04's checks: each passes the right answer, says "not attempted" to a blank, hints at wrong ones, and
 gives no points to plausible slips or to cheats (red team)."""
 
+import copy
 import gc
 import inspect
 import sys
@@ -12,7 +13,7 @@ import torch
 from casebook import COURSE, assert_grades, fails, grade, registered
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from helpers.checks import FAIL, PASS, SKIP, run_check
+from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
 from helpers.exercises import lesson04
 
 pytestmark = pytest.mark.usefixtures("lenient_checks", "one_thread")
@@ -24,40 +25,29 @@ def lora(r, targets=ATTENTION, task="CAUSAL_LM", **kw):
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type=task, **kw)
 
 
-def right_reload(base, folder):
-    return PeftModel.from_pretrained(base, folder)
-
-
-def fresh_adapters(base, folder):  # the common slip: new adapters instead of the saved ones
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           task_type="CAUSAL_LM"))
-
-
-def nested(base, folder):
-    return get_peft_model(PeftModel.from_pretrained(base, folder), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-
-
-def merged(base, folder):
-    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+def right_load(base, dirs):
+    names = list(dirs)
+    model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(dirs[name], adapter_name=name)
+    return model
 
 
 def cases(dims):
-    per_rank = dims.layers * dims.lora_params(1, ATTENTION)
-    target = 12 * per_rank
-    shapes = dict(zip(("q", "k", "v", "o"), dims.linear_shapes()[:4], strict=False))
-    qv = dims.layers * 8 * (sum(shapes["q"]) + sum(shapes["v"]))
+    shapes = dims.named_linear_shapes()
+    count = dims.layers * sum(16 * (o + i) for o, i in shapes.values())
+    attention = dims.layers * sum(16 * (o + i) for name, (o, i) in shapes.items() if name in ATTENTION)
     return {
         # name: (right answer, context, [(wrong answer, a word its hint must contain)])
-        "lora_param_count": (qv, {"dims": dims},
-                             [(qv / dims.layers, "one block"), (4 * qv, "bytes"),
-                              (dims.layers * (shapes["q"][0] * shapes["q"][1] + shapes["v"][0] * shapes["v"][1]),
-                               "freezes"),
-                              (dims.layers * 8 * (shapes["q"][1] + shapes["v"][1]), "only A"),
-                              (dims.layers * 8 * (shapes["q"][0] + shapes["v"][0]), "only B"),
-                              (dims.layers * 16 * sum(shapes["q"]), "v_proj is smaller"),
+        "lora_param_count": (count, {"dims": dims},
+                             [(count / dims.layers, "one block"), (4 * count, "bytes"),
+                              (dims.layers * sum(o * i for o, i in shapes.values()), "freezes"),
+                              (dims.layers * sum(16 * i for o, i in shapes.values()), "only A"),
+                              (dims.layers * sum(16 * o for o, i in shapes.values()), "only B"),
+                              (attention, "MLP"), (count - attention, "attention projections"),
+                              (count + 16 * (dims.hidden + dims.vocab), "lm_head"),
                               ("many", "number")]),
-        "lora_config_exact": (lora(12), {"dims": dims, "target": target},
+        "lora_config_exact": (lora(12), {"dims": dims},
                               [(lora(8), "r = "), (lora(12, ["q_proj", "v_proj"]), "missing"),
                                (lora(12, "all-linear"), "all-linear"),
                                (lora(12, ATTENTION + ["down_proj"]), "not asked for"),
@@ -67,7 +57,7 @@ def cases(dims):
 
 
 def test_every_registered_exercise_has_cases(dims):
-    assert set(cases(dims)) | {"reload_adapter"} == registered("04")
+    assert set(cases(dims)) | {"switch_adapters"} == registered("04")
 
 
 @pytest.mark.parametrize("name", ["lora_param_count", "lora_config_exact"])
@@ -81,18 +71,22 @@ def test_check(name, dims):
 # ------------------------------------------------------------------------------------------------
 def test_lora_param_count_red_team(dims):
     shapes = dims.named_linear_shapes()
-    qv = dims.layers * dims.lora_params(8, ("q_proj", "v_proj"))
+    want = dims.layers * dims.lora_params(16)
     context = {"dims": dims}
-    for answer in (qv + 1, qv - 1, qv * (dims.layers - 1) / dims.layers, qv * (dims.layers + 1) / dims.layers,
-                   qv + dims.layers * (shapes["q_proj"][0] + shapes["v_proj"][0]),   # a bias on each B
-                   dims.layers * dims.lora_params(8, ("q_proj", "k_proj")),           # k for v (same shapes!)
-                   dims.layers * dims.lora_params(16, ("q_proj", "v_proj")),          # r = 16
-                   dims.layers * dims.lora_params(8, ATTENTION),                      # four layers, not two
-                   qv * 1.0001, [qv], str(qv), True):
-        if answer == qv:  # k_proj and v_proj have the same shape in these models: that is not a wrong answer
+    q_sized = dims.layers * 16 * sum(sum(shapes["q_proj"]) if t in ("k_proj", "v_proj") else sum(shapes[t])
+                                     for t in shapes)
+    for answer in (want + 1, want - 1, want * (dims.layers - 1) / dims.layers, want * (dims.layers + 1) / dims.layers,
+                   want + dims.layers * sum(o for o, _ in shapes.values()),             # a bias on each B
+                   q_sized,                                                              # k and v as wide as q
+                   dims.layers * dims.lora_params(8),                                    # r = 8
+                   dims.layers * dims.lora_params(16, ("q_proj", "v_proj")),             # the paper's two layers
+                   want * 1.0001, [want], str(want), True):
+        if answer == want:
             continue
         fails("lora_param_count", answer, context)
-    assert grade("lora_param_count", float(qv), context).status == PASS
+    result = fails("lora_param_count", q_sized, context)
+    assert "k_proj and v_proj are smaller" in result.message
+    assert grade("lora_param_count", float(want), context).status == PASS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,31 +127,41 @@ def test_lora_config_exact_accepts_the_forms_peft_accepts(dims):
         assert result.passed, (answer.target_modules, result.message)
 
 
-def test_the_trusted_target_is_the_notebooks():
-    """TARGET is computed by the check from the course model's config; the notebook computes the same."""
+def test_the_notebook_states_the_checks_numbers():
+    """The notebook states exercise 2's target as a number (not the rank), and it is the check's; exercise 1 asks
+    for the config the lesson then applies."""
+    from helpers.estimate import Dims
+    from helpers.models import reference_config
+
     nb = nbformat.read(SOLUTION, as_version=4)
+    smol = Dims.of(reference_config(lesson04.EXACT_MODEL))
+    assert lesson04.EXACT_TARGET == lesson04.target_for(smol) == 2_457_600
+    assert EXERCISES["lora_config_exact"].trusted_context() == {"dims": smol}
     line = next(line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
                 if line.startswith("TARGET ="))
-    notebook_target = eval(line.split("=", 1)[1], {"dims": COURSE, "ATTENTION": ATTENTION})
-    assert notebook_target == lesson04.target_for(COURSE) == 1_382_400
+    assert eval(line.split("=", 1)[1].split("#")[0]) == lesson04.EXACT_TARGET
+    assert f'reference_config("{lesson04.EXACT_MODEL}")' in "\n".join(c.source for c in nb.cells)
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    targets = ", ".join(f'"{t}"' for t in lesson04.COUNT_TARGETS)
-    assert f"`LoraConfig(r={lesson04.COUNT_RANK}, target_modules=[{targets}])`" in text
+    assert f"`LoraConfig(r={lesson04.COUNT_RANK}, target_modules=\"all-linear\")`" in text
+    assert "LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=\"all-linear\"" in "\n".join(
+        c.source for c in nb.cells if c.cell_type == "code")
     calls = [c.source for c in nb.cells if c.cell_type == "code" and c.source.startswith("check(")]
     assert calls and all("=" not in call for call in calls)  # no context keywords: the checks compute their own
+    kinds = {name: EXERCISES[name].kind for name in registered("04")}
+    assert kinds == {"lora_param_count": "predict", "lora_config_exact": "calculate", "switch_adapters": "code"}
 
 
 def test_the_solutions_answers_pass():
     dims = COURSE
     shapes = dims.named_linear_shapes()
-    assert run_check("lora_param_count",
-                     dims.layers * sum(8 * (o + i) for o, i in (shapes["q_proj"], shapes["v_proj"]))).passed
-    target = lesson04.target_for(dims)
-    per_rank = dims.layers * sum(o + i for name, (o, i) in shapes.items() if name in ATTENTION)
-    exact = LoraConfig(r=target // per_rank, lora_alpha=2 * (target // per_rank),
-                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    assert run_check("lora_param_count", dims.layers * sum(16 * (o + i) for o, i in shapes.values())).passed
+    smol = EXERCISES["lora_config_exact"].trusted_context()["dims"]
+    per_rank = smol.layers * sum(o + i for name, (o, i) in smol.named_linear_shapes().items() if name in ATTENTION)
+    rank = lesson04.EXACT_TARGET // per_rank
+    exact = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                       task_type="CAUSAL_LM")
     assert run_check("lora_config_exact", exact).passed
-    assert run_check("reload_adapter", right_reload).passed
+    assert run_check("switch_adapters", right_load).passed
 
 
 def test_checks_take_no_context_from_the_caller():
@@ -165,11 +169,87 @@ def test_checks_take_no_context_from_the_caller():
     assert "takes no" in run_check("lora_config_exact", lora(1), target=1_382_400 // 12).message
 
 
+def test_lora_config_exact_hints_at_narrow_key_value_projections():
+    """On SmolLM2-360M k and v are a third of q's width: a rank worked out as if they were square is wrong."""
+    smol = EXERCISES["lora_config_exact"].trusted_context()["dims"]
+    square_rank = lesson04.EXACT_TARGET // (smol.layers * 4 * 2 * smol.hidden)
+    result = fails("lora_config_exact", lora(square_rank), {"dims": smol})
+    assert "r = " in result.message and f"{smol.layers * smol.lora_params(1, ATTENTION):,}" in result.message
+
+
 # ------------------------------------------------------------------------------------------------
-# Exercise 3: reload (red team: slips and cheats)
+# Exercise 3: two adapters on one base (red team: slips and cheats)
 # ------------------------------------------------------------------------------------------------
-def returns_a_trained_model_from_the_stack(base, folder):
-    """The known cheat: find a model with the trained adapter in the callers' frames and return it."""
+def only_the_first(base, dirs):
+    name = next(iter(dirs))
+    return PeftModel.from_pretrained(base, dirs[name], adapter_name=name)
+
+
+def default_names(base, dirs):
+    """Loads both, but not under the names given: set_adapter(name) cannot find them."""
+    folders = iter(dirs.values())
+    model = PeftModel.from_pretrained(base, next(folders))
+    for i, folder in enumerate(folders):
+        model.load_adapter(folder, adapter_name=f"adapter{i}")
+    return model
+
+
+def hard_coded_names(base, dirs):
+    """Works for the names of the first model only."""
+    folders = list(dirs.values())
+    model = PeftModel.from_pretrained(base, folders[0], adapter_name="chat")
+    model.load_adapter(folders[1], adapter_name="sql")
+    return model
+
+
+def swapped(base, dirs):
+    names = list(dirs)
+    model = PeftModel.from_pretrained(base, dirs[names[1]], adapter_name=names[0])
+    model.load_adapter(dirs[names[0]], adapter_name=names[1])
+    return model
+
+
+def fresh_adapters(base, dirs):  # the common slip: new adapters instead of the saved ones
+    names = list(dirs)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"), adapter_name=names[0])
+    model.add_adapter(names[1], LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return model
+
+
+def nested(base, dirs):
+    names = list(dirs)
+    return PeftModel.from_pretrained(PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0]),
+                                     dirs[names[1]], adapter_name=names[1])
+
+
+def merged(base, dirs):
+    """Merging folds one adapter into the weights: a plain transformers model, which cannot switch."""
+    return PeftModel.from_pretrained(base, next(iter(dirs.values()))).merge_and_unload()
+
+
+class Switchboard(torch.nn.Module):
+    """One merged copy of the base per adapter, and a set_adapter that picks one: right outputs, twice the memory."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+        self.active = next(iter(models))
+
+    def set_adapter(self, name):
+        self.active = name
+
+    def forward(self, **kw):
+        return self.models[self.active](**kw)
+
+
+def a_merged_copy_each(base, dirs):
+    return Switchboard({name: PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+                        for name, folder in dirs.items()})
+
+
+def returns_a_trained_model_from_the_stack(base, dirs):
+    """The known cheat: find a model with a trained adapter in the callers' frames and return it."""
     for frame in inspect.stack():
         for value in frame.frame.f_locals.values():
             if isinstance(value, PeftModel) and value is not base:
@@ -177,48 +257,52 @@ def returns_a_trained_model_from_the_stack(base, folder):
     return base
 
 
-def returns_a_peft_model_from_memory(base, folder):
+def returns_a_peft_model_from_memory(base, dirs):
     """The same, through the garbage collector: any PeftModel alive in the process."""
     found = [o for o in gc.get_objects() if isinstance(o, PeftModel)]
     return found[-1] if found else base
 
 
-def rebuilds_from_the_frames(base, folder):
-    """Looks for a seed in the callers' frames and rebuilds the trained model from the check's own code."""
+def rebuilds_from_the_frames(base, dirs):
+    """Looks for a seed in the callers' frames and rebuilds a trained model from the check's own code."""
     frame = sys._getframe(1)
     while frame is not None:
         for name in ("seed", "weights", "adapter"):
             value = frame.f_locals.get(name)
             if isinstance(value, int):
-                return lesson04.adapter_model(lesson04.RELOAD_MODELS[0], value)
+                return lesson04.adapter_model(lesson04.SWITCH_MODELS[0], lesson04.SWITCH_ADAPTERS[0], value)
         frame = frame.f_back
-    return lesson04.adapter_model(lesson04.RELOAD_MODELS[0], 5)  # the old check's fixed seed
+    return lesson04.adapter_model(lesson04.SWITCH_MODELS[0], lesson04.SWITCH_ADAPTERS[0], 5)
 
 
-def raises_system_exit(base, folder):
+def raises_system_exit(base, dirs):
     raise SystemExit(1)
 
 
-def raises_keyboard_interrupt(base, folder):
+def raises_keyboard_interrupt(base, dirs):
     raise KeyboardInterrupt
 
 
-def one_size_only(base, folder):
+def one_size_only(base, dirs):
     from helpers.models import tiny_model
 
-    return PeftModel.from_pretrained(tiny_model(seed=3), folder)
+    return right_load(tiny_model(seed=3), dirs)
 
 
-def tampers_with_the_base(base, folder):
+def tampers_with_the_base(base, dirs):
     with torch.no_grad():
         base.model.embed_tokens.weight[:10] = 0
-    return PeftModel.from_pretrained(base, folder)
+    return right_load(base, dirs)
 
 
-def overwrites_the_adapter(base, folder):
+def overwrites_the_adapters(base, dirs):
     """Saves fresh (B = 0) adapters over the trained ones, then loads those."""
-    fresh_adapters(base, folder).save_pretrained(folder)
-    return PeftModel.from_pretrained(base.base_model.model if isinstance(base, PeftModel) else base, folder)
+    names = list(dirs)
+    for name in names:
+        fresh = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"))
+        fresh.save_pretrained(dirs[name])
+    return right_load(base, dirs)
 
 
 class Logits:
@@ -226,12 +310,11 @@ class Logits:
 
 
 class LyingModule(torch.nn.Module):
+    def set_adapter(self, name):
+        pass
+
     def forward(self, **_):
         return Logits()
-
-
-def returns_a_lying_module(base, folder):
-    return LyingModule()
 
 
 class LyingTensor(torch.Tensor):
@@ -243,19 +326,22 @@ class Wrapper(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
+    def set_adapter(self, name):
+        self.inner.set_adapter(name)
+
     def forward(self, **kw):
         out = self.inner(**kw)
         out.logits = out.logits.as_subclass(LyingTensor)
         return out
 
 
-def returns_lying_logits(base, folder):
-    return Wrapper(PeftModel.from_pretrained(base, folder))
+def returns_lying_logits(base, dirs):
+    return Wrapper(right_load(base, dirs))
 
 
-def trainable_then_trained_again(base, folder):
-    """Loads the adapter, then changes it (a 'quick fine-tune' on random data)."""
-    model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+def changes_an_adapter(base, dirs):
+    """Loads both, then changes one (a 'quick fine-tune' on random data)."""
+    model = right_load(base, dirs)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -263,53 +349,78 @@ def trainable_then_trained_again(base, folder):
     return model
 
 
+def set_adapter_never_switches(base, dirs):
+    model = right_load(base, dirs)
+    model.set_adapter = lambda name: None  # the instance attribute hides the method
+    return model
+
+
 RED_TEAM = {
+    "only the first": (only_the_first, "not found"),
+    "default names": (default_names, "adapter_name"),
+    "hard-coded names": (hard_coded_names, "second"),
+    "swapped": (swapped, "still computes"),
     "fresh adapters": (fresh_adapters, "base"),
     "nested": (nested, "inside a PeftModel"),
-    "returns None": (lambda base, folder: None, "returns None"),
-    "raises": (lambda base, folder: 1 / 0, "ZeroDivisionError"),
+    "merged": (merged, "merge"),
+    "a merged copy each": (a_merged_copy_each, "copy of the base"),
+    "returns None": (lambda base, dirs: None, "returns None"),
+    "raises": (lambda base, dirs: 1 / 0, "ZeroDivisionError"),
     "SystemExit": (raises_system_exit, "SystemExit"),
     "KeyboardInterrupt": (raises_keyboard_interrupt, "KeyboardInterrupt"),
-    "returns the folder": (lambda base, folder: folder, "not a str"),
-    "trained model on the stack": (returns_a_trained_model_from_the_stack, "base"),
-    "trained model in memory": (returns_a_peft_model_from_memory, "base"),
-    "rebuilt from the frames": (rebuilds_from_the_frames, "neither"),
+    "returns the folders": (lambda base, dirs: dirs, "not a dict"),
+    "trained model on the stack": (returns_a_trained_model_from_the_stack, "set_adapter"),
+    "trained model in memory": (returns_a_peft_model_from_memory, "set_adapter"),
+    "rebuilt from the frames": (rebuilds_from_the_frames, "set_adapter"),
     "one size only": (one_size_only, "second"),
     "tampers with the base": (tampers_with_the_base, "neither"),
-    "overwrites the adapter": (overwrites_the_adapter, "base"),
-    "lying module": (returns_a_lying_module, "not a tensor"),
+    "overwrites the adapters": (overwrites_the_adapters, "base"),
+    "lying module": (lambda base, dirs: LyingModule(), "not a tensor"),
     "lying logits": (returns_lying_logits, "not a tensor"),
-    "changes the adapter": (trainable_then_trained_again, "neither"),
+    "changes an adapter": (changes_an_adapter, "neither"),
+    "set_adapter never switches": (set_adapter_never_switches, "still computes"),
 }
 
 
 @pytest.mark.parametrize("case", list(RED_TEAM))
-def test_reload_red_team(case):
+def test_switch_red_team(case):
     fn, word = RED_TEAM[case]
-    result = fails("reload_adapter", fn)
+    result = fails("switch_adapters", fn)
     assert word.lower() in result.message.lower(), result.message
 
 
-def test_reload_accepts_the_right_forms():
-    assert run_check("reload_adapter", right_reload).passed
-    assert run_check("reload_adapter", merged).passed  # merged weights give the same logits
-    assert run_check("reload_adapter", lambda base, folder: PeftModel.from_pretrained(
-        base, folder, is_trainable=True)).passed
+def test_switch_accepts_the_right_forms():
+    assert run_check("switch_adapters", right_load).passed
+
+    def from_a_loop(base, dirs):  # every adapter through load_adapter onto a PeftModel made for the first
+        model = None
+        for name, folder in dirs.items():
+            if model is None:
+                model = PeftModel.from_pretrained(base, folder, adapter_name=name, is_trainable=True)
+            else:
+                model.load_adapter(folder, adapter_name=name)
+        return model
+
+    assert run_check("switch_adapters", from_a_loop).passed
     for blank in (None, ...):
-        assert run_check("reload_adapter", blank).status == SKIP
-    assert run_check("reload_adapter", "PeftModel.from_pretrained").status == FAIL
+        assert run_check("switch_adapters", blank).status == SKIP
+    assert run_check("switch_adapters", "PeftModel.from_pretrained").status == FAIL
 
 
-def test_the_reload_judge_rebuilds_the_reference_itself():
+def test_the_switch_judge_rebuilds_the_reference_itself():
     """The judge's expected logits come from the adapter weights the probe saved, applied to a base it builds; data
     that does not match them (or is malformed) fails."""
     from helpers.checks import answer_data, verdict
 
-    data = answer_data("reload_adapter", right_reload)
-    assert verdict("reload_adapter", data).passed
-    data[0]["logits"]["sample"][0] += 0.01
-    assert verdict("reload_adapter", data).status == FAIL
-    data = answer_data("reload_adapter", right_reload)
-    data[1]["adapter"] = data[1]["adapter"][:-1]
-    assert verdict("reload_adapter", data).status == FAIL
-    assert verdict("reload_adapter", [{"model": {}}]).status == FAIL
+    data = answer_data("switch_adapters", right_load)
+    assert verdict("switch_adapters", data).passed
+    data[0]["switches"][1]["logits"]["sample"][0] += 0.01
+    assert verdict("switch_adapters", data).status == FAIL
+    data = answer_data("switch_adapters", right_load)
+    name = data[1]["names"][0]
+    data[1]["adapters"][name] = data[1]["adapters"][name][:-1]
+    assert verdict("switch_adapters", data).status == FAIL
+    data = answer_data("switch_adapters", right_load)
+    data[0]["held"] *= 2
+    assert verdict("switch_adapters", data).status == FAIL
+    assert verdict("switch_adapters", [{"model": {}}]).status == FAIL

@@ -130,8 +130,13 @@ def test_adamw8bit_red_team(dims):
 def test_the_solutions_answers_pass():
     """The notebook's solution expressions pass against the trusted context (the course model, LLaMA 13B)."""
     dims = COURSE
-    unquantized = dims.vocab * dims.hidden * (1 if dims.tied else 2) + (2 * dims.layers + 1) * dims.hidden
+    llama3 = Dims.of(reference_config(lesson05.UPCAST_MODEL))
+    unquantized = llama3.vocab * llama3.hidden * (1 if llama3.tied else 2) + (2 * llama3.layers + 1) * llama3.hidden
     assert run_check("kbit_upcast_bytes", (4 - 2) * unquantized).passed
+    assert unquantized * 2 == 2_101_878_784                              # Llama 3 8B: untied, 128,256 x 4,096
+    course = dims.vocab * dims.hidden + (2 * dims.layers + 1) * dims.hidden
+    result = run_check("kbit_upcast_bytes", 2 * course)                 # the course model's: not the question
+    assert result.status == FAIL
     assert run_check("adamw8bit_state_bytes", adamw8bit(dims)[0]).passed
     llama13 = reference_config(lesson05.PRESET)
     rank = 1
@@ -149,10 +154,16 @@ def test_the_notebook_agrees_with_the_lessons_constants():
     cells = {c.get("id"): c.source for c in nb.cells}
     namespace = {"pd": pd, "Recipe": Recipe, "predict": predict, "reference_config": reference_config, "Dims": Dims}
     exec(cells["35ac7598"], namespace)  # the presets table: defines GiB, at_scale and the recipes
-    exec(cells["6fcff29e"], namespace)  # llama13, at_scale_qlora, BUDGET
+    exec(cells["6fcff29e"], namespace)  # llama13, at_scale_qlora, GPU, HEADROOM, BUDGET
     context = EXERCISES["lora_under_budget"].trusted_context()
     assert namespace["at_scale_qlora"] == lesson05.AT_SCALE_QLORA == context["recipe"]
-    assert namespace["BUDGET"] == lesson05.BUDGET == context["budget"]
+    assert namespace["BUDGET"] == lesson05.BUDGET == context["budget"] == 11 * 2**30
+    assert (namespace["GPU"], namespace["HEADROOM"]) == (lesson05.GPU, lesson05.HEADROOM)
+    assert EXERCISES["kbit_upcast_bytes"].trusted_context() == {"dims": Dims.of(reference_config("llama-3-8b"))}
+    assert f'reference_config("{lesson05.UPCAST_MODEL}")' in "\n".join(c.source for c in nb.cells)
+    kinds = {name: EXERCISES[name].kind for name in ("kbit_upcast_bytes", "adamw8bit_state_bytes", "lora_under_budget")}
+    assert kinds == {"kbit_upcast_bytes": "calculate", "adamw8bit_state_bytes": "predict",
+                     "lora_under_budget": "calculate"}
     assert Dims.of(namespace["llama13"]) == context["dims"]
     assert "at least 90 %" in "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert lesson05.ENOUGH == 0.9
@@ -164,6 +175,7 @@ def test_the_notebook_agrees_with_the_lessons_constants():
 
 def test_checks_take_no_context_from_the_caller():
     assert "takes no dims" in run_check("kbit_upcast_bytes", 5, dims=COURSE).message
+    assert "takes no" in run_check("adamw8bit_state_bytes", 5, dims=COURSE).message
     assert "takes no rank" in run_check("adamw8bit_state_bytes", 5, rank=8).message
     assert "takes no" in run_check("lora_under_budget", lora(4), budget=10**12).message
 
