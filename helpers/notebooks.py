@@ -394,6 +394,13 @@ def _code_lines(region: str) -> list[str]:
     return lines
 
 
+def check_records(nb) -> list[tuple[int, dict]]:
+    """(cell index, record) for every check output of an executed notebook: what each check judged."""
+    return [(index, out["metadata"]["course_check"]) for index, cell in enumerate(nb.cells)
+            if cell.cell_type == "code" for out in cell.get("outputs", [])
+            if out.get("metadata", {}).get("course_check")]
+
+
 def answers_on_the_page(solution, student, name: str = "notebook") -> list[str]:
     """Why each exercise of an executed solution notebook can be answered from the page above it.
 
@@ -405,21 +412,17 @@ def answers_on_the_page(solution, student, name: str = "notebook") -> list[str]:
     _load_lesson_checks()
     found = []
     exercise_at = exercise_cells(solution, name)
-    for index, cell in enumerate(solution.cells):
-        if cell.cell_type != "code":
+    for index, record in check_records(solution):
+        if record["exercise"] not in EXERCISES:
             continue
-        for out in cell.get("outputs", []):
-            record = out.get("metadata", {}).get("course_check")
-            if not record or record["exercise"] not in EXERCISES:
-                continue
-            ex = EXERCISES[record["exercise"]]
-            start = max((i for i in exercise_at if i <= index), default=index)  # the cell the answer is in
-            printed = _numbers("\n".join(_cell_text(c) for c in solution.cells[:start]))
-            for value in _leaves(record["answer"]):
-                hit = _printed_as(value, printed, ex.tolerance)
-                if hit is not None:
-                    found.append(f"{name}: {ex.name}'s answer {value:,.6g} is printed above it as {hit:,.6g} "
-                                 f"(within its tolerance of {ex.tolerance:.2%})")
+        ex = EXERCISES[record["exercise"]]
+        start = max((i for i in exercise_at if i <= index), default=index)  # the cell the answer is in
+        printed = _numbers("\n".join(_cell_text(c) for c in solution.cells[:start]))
+        for value in _leaves(record["answer"]):
+            hit = _printed_as(value, printed, ex.tolerance)
+            if hit is not None:
+                found.append(f"{name}: {ex.name}'s answer {value:,.6g} is printed above it as {hit:,.6g} "
+                             f"(within its tolerance of {ex.tolerance:.2%})")
     regions = solution_regions(solution, name)
     for index, region in regions:
         if solution.cells[index].cell_type != "code":

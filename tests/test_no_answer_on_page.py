@@ -9,9 +9,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from casebook import check_calls
 
 from helpers.checks import EXERCISES, KINDS, _load_lesson_checks
-from helpers.notebooks import PATTERN, _leaves, answers_on_the_page, exercise_cells, student_version
+from helpers.notebooks import PATTERN, _leaves, answers_on_the_page, check_records, exercise_cells, student_version
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = sorted((ROOT / "solutions").glob(PATTERN))
@@ -23,22 +24,14 @@ def read(path):
 
 def records(nb):
     """(cell index, exercise name, answer) for every check output of an executed notebook."""
-    found = []
-    for index, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            record = out.get("metadata", {}).get("course_check")
-            if record:
-                found.append((index, record["exercise"], record["answer"]))
-    return found
+    return [(index, r["exercise"], r["answer"]) for index, r in check_records(nb)]
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name[:2])
 def test_every_check_recorded_what_it_judged(path):
-    _load_lesson_checks()
     nb = read(path)
     recorded = {name for _, name, _ in records(nb)}
-    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    called = {name for name in EXERCISES if f'check("{name}"' in source}
+    called = set(check_calls(nb))
     assert called, "the lesson has no exercises"
     assert called <= recorded, (f"{sorted(called - recorded)}: no recorded answer — re-run the solution "
                                 f"(python -m helpers.notebooks execute {path.name[:2]})")
