@@ -25,7 +25,8 @@ def test_the_shipped_reference_is_the_jobs_full_fine_tune(shipped):
     assert shipped["recipe"] == capstone.REFERENCE_RECIPE and shipped["recipe"]["lr"] == FULL_FINETUNE_LR
     assert shipped["trainable"] == capstone.course_dims().params  # every parameter trained
     assert shipped["naive_peak"] == sum(shipped["naive_peak_step"][c] for c in CATEGORIES)
-    assert shipped["naive_peak_step"]["weights"] == 4 * capstone.course_dims().params  # fp32
+    buffers = shipped["naive_peak_step"]["weights"] - 4 * capstone.course_dims().params  # fp32 parameters, plus
+    assert 0 <= buffers <= 1024  # the rotary embedding's frequency buffers, which the meter counts as weights
     assert shipped["ppl_full_finetune"] < 0.85 * shipped["ppl_pretrained"]  # six steps of full fine-tuning learn
     assert 3_000 < shipped["naive_peak"] / MiB < 4_000
     assert "python -m helpers.capstone --reference" in shipped["how"]
@@ -61,5 +62,5 @@ def test_the_reference_is_measured_again_to_the_same_numbers(shipped):
     assert again["naive_peak"] == pytest.approx(shipped["naive_peak"], rel=1e-3)
     assert again["ppl_pretrained"] == pytest.approx(shipped["ppl_pretrained"], rel=1e-3)
     # fp32 sums in another order (another CPU, another thread count) move six steps' result a little, far less
-    # than the bar's 3 %
+    # than the bar's 5 %
     assert again["ppl_full_finetune"] == pytest.approx(shipped["ppl_full_finetune"], rel=5e-3)

@@ -192,7 +192,7 @@ def test_the_judge_passes_what_fits_and_learns_and_says_its_numbers():
     result = judged(facts(FITS))
     assert result.status == PASS and result.points == 3, result.message
     for words in ("MiB of the 500 MiB budget", "every step measured", "perplexity 28.00 -> 22.00",
-                  "1.006 x the full fine-tune's 21.86", "at most 1.03 x = 22.52",
+                  "1.006 x the full fine-tune's 21.86", "at most 1.05 x = 22.95",
                   "8.7 x smaller than naive fp32 AdamW"):
         assert words in result.message, (words, result.message)
 
@@ -214,7 +214,7 @@ def test_the_peak_is_the_largest_of_every_step():
 
 
 @pytest.mark.parametrize("change,words", [
-    (dict(ppl_end=22.6), "did not learn enough"),  # 1.034 x the full fine-tune's 21.86: just over the bar
+    (dict(ppl_end=23.0), "did not learn enough"),  # 1.052 x the full fine-tune's 21.86: just over the bar
     (dict(ppl_end=25.0), "more target modules, or a higher rank"),  # 0.88 x the pretrained model's: not enough
     (dict(ppl_end=math.nan), "diverged"),
     (dict(ppl_end=math.inf), "diverged"),
@@ -244,7 +244,7 @@ def test_the_judge_uses_its_own_budget_and_reference_not_the_runs():
     lax = Workload(budget=10_000 * MiB, quality=10.0)
     data = facts(FITS, ppl_end=26.0, workload=lax.__dict__, reference={**REF, "ppl_full_finetune": 1e9},
                  budget=10_000 * MiB)
-    assert judged(data).status == FAIL  # whatever the data says of itself, the lesson's 1.03 x 21.86 stands
+    assert judged(data).status == FAIL  # whatever the data says of itself, the lesson's 1.05 x 21.86 stands
 
 
 def test_the_tiers_differ_only_in_budget():
@@ -257,13 +257,13 @@ def test_the_tiers_differ_only_in_budget():
     result = judged(facts(small), **tight)
     assert result.status == PASS and result.points == 2, result.message
     assert "16.2 x smaller than naive" in result.message, result.message
-    assert judged(facts(small, ppl_end=22.6), **tight).status == FAIL  # the same quality bar
+    assert judged(facts(small, ppl_end=23.0), **tight).status == FAIL  # the same quality bar
 
 
 def test_the_bar_is_relative_to_the_full_fine_tune_and_can_fail():
-    """Anything that beats the pretrained model by 10 % passed the old bar; this one asks for 1.03 x full
+    """Anything that beats the pretrained model by 10 % passed the old bar; this one asks for 1.05 x full
     fine-tuning's perplexity after the same steps."""
-    for ppl_end, status in ((REF["ppl_full_finetune"] * 1.029, PASS), (REF["ppl_full_finetune"] * 1.031, FAIL),
+    for ppl_end, status in ((REF["ppl_full_finetune"] * 1.049, PASS), (REF["ppl_full_finetune"] * 1.051, FAIL),
                             (0.85 * REF["ppl_pretrained"], FAIL)):
         assert judged(facts(FITS, ppl_end=ppl_end)).status == status, ppl_end
 
