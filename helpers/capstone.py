@@ -336,10 +336,6 @@ class Attempt:
     def target(self) -> float:
         return self.workload.quality * self.reference["ppl_full_finetune"]
 
-    @property
-    def good_enough(self) -> bool:
-        return self.ppl_end is not None and self.ppl_end <= self.target
-
     def facts(self) -> dict:
         """What was measured, as plain data (what the exercise's grader judges)."""
         return {"steps": [{**{c: int(getattr(r, c)) for c in CATEGORIES}, "seconds": float(s)}
@@ -351,22 +347,11 @@ class Attempt:
                 "trainable": int(self.trainable),
                 "problems": [str(p) for p in self.problems]}
 
-    def verdict(self, workload: Workload | None = None) -> tuple[bool, str]:
-        """(passed, feedback): the rules first, then the budget, then quality, with what to change; against
-        ``workload``'s budget and bar when given (another tier of the same job), else the run's own."""
-        workload = workload or self.workload
-        if workload.job() != self.workload.job():
-            raise ValueError("a run can be judged only against a tier of the job it ran")
+    def verdict(self) -> tuple[bool, str]:
+        """(passed, feedback): the rules first, then the budget, then quality, with what to change."""
         if self.reference is None:
             raise ValueError("this attempt did not load the reference: use judge(facts, workload, reference)")
-        return judge(self.facts(), workload, self.reference)
-
-    def row(self) -> dict:
-        """One row of a comparison table (MiB, perplexity, seconds)."""
-        return {**{f"{LABELS[c]} MiB": getattr(self.report, c) / MiB for c in CATEGORIES},
-                "peak MiB": self.peak / MiB, "trainable parameters": self.trainable,
-                "perplexity before": self.ppl_start, "perplexity after": self.ppl_end,
-                "s per step": self.seconds_per_step, "fits": self.fits, "quality met": self.good_enough}
+        return judge(self.facts(), self.workload, self.reference)
 
     def tier_row(self) -> dict:
         """Peak, the ratio to naive full fine-tuning's, perplexity against the bar, time: one row per tier."""
