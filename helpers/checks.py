@@ -352,16 +352,23 @@ def as_config(data, cls):
     return cls(**{k: v for k, v in fields.items() if k in known})
 
 
-def as_pair(data, keys: tuple[str, str], expected: str, what: tuple[str, str]) -> tuple[float, float]:
-    """Two numbers from a pair, or from a dict that has both ``keys`` (any case, spaces around them ignored).
-    Anything else is an AnswerError that says ``expected``; ``what`` names each number for ``as_number``."""
+def two_values(data, keys: tuple[str, str], expected: str) -> tuple:
+    """The two values of a pair, or of a dict that has both ``keys`` (any case, spaces around them ignored), as
+    given. Anything else is an AnswerError that says ``expected``."""
     if isinstance(data, dict):
         named = {k.strip().lower(): v for k, v in data.items()}
         if set(keys) <= set(named):
             data = [named[keys[0]], named[keys[1]]]
     if not isinstance(data, list) or len(data) != 2:
         raise AnswerError(expected)
-    return as_number(data[0], what[0]), as_number(data[1], what[1])
+    return data[0], data[1]
+
+
+def as_pair(data, keys: tuple[str, str], expected: str, what: tuple[str, str]) -> tuple[float, float]:
+    """Two numbers from a pair, or from a dict that has both ``keys`` (``two_values``); ``what`` names each number
+    for ``as_number``."""
+    first, second = two_values(data, keys, expected)
+    return as_number(first, what[0]), as_number(second, what[1])
 
 
 def trusted_dims(dims):

@@ -21,6 +21,7 @@ from ..checks import (
     learner_call,
     ratio_hint,
     trusted_dims,
+    two_values,
 )
 
 LESSON = "03_gradient_checkpointing"
@@ -424,14 +425,7 @@ def _time_cost_context() -> dict:
 def _choice_and_ratio(data) -> tuple[str, float]:
     expected = ('give a dict, `{"choice": "b", "flops_ratio": 1.5}` (your letter and your number), or the pair '
                 '`("b", 1.5)`.')
-    if isinstance(data, dict):
-        named = {k.strip().lower(): v for k, v in data.items()}
-        if not {"choice", "flops_ratio"} <= set(named):
-            raise AnswerError(expected)
-        data = [named["choice"], named["flops_ratio"]]
-    if not isinstance(data, list) or len(data) != 2:
-        raise AnswerError(expected)
-    choice, ratio = data
+    choice, ratio = two_values(data, ("choice", "flops_ratio"), expected)
     if not isinstance(choice, str):
         raise AnswerError("the choice is one letter as a string, such as 'a'; " + expected)
     letter = choice.strip().strip("().:'\" ").lower()
