@@ -145,6 +145,19 @@ class Recipe:
     world_size: int = 1
     engine: str = "torch"  # torch (DDP, FSDP) | deepspeed
     offload_optimizer: bool = False
+    # The engines' own buffers (``_shard``), each setting with its library's default. DDP: its all-reduce buckets
+    # hold every gradient whatever ``bucket_cap_mb`` (which only groups them), beside the .grads unless each .grad
+    # is a view into its bucket. FSDP2: each block's full parameters are gathered for its forward and backward and
+    # freed after, unless ``reshard_after_forward=False`` keeps them from forward to backward. DeepSpeed (element
+    # counts, as in its config): the gradient reduction bucket, the stage-3 prefetch, the parameters too small to
+    # partition, and how far ahead a gathered parameter that will be used again is kept.
+    gradient_as_bucket_view: bool = False  # DistributedDataParallel(gradient_as_bucket_view=...)
+    reshard_after_forward: bool = True  # fully_shard(..., reshard_after_forward=...)
+    reduce_bucket_size: int = 500_000_000  # zero_optimization.reduce_bucket_size
+    overlap_comm: bool | None = None  # zero_optimization.overlap_comm; None: DeepSpeed's default (stage 3 only)
+    prefetch_bucket_size: int = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size
+    param_persistence_threshold: int = 100_000  # zero_optimization.stage3_param_persistence_threshold
+    max_reuse_distance: int = 1_000_000_000  # zero_optimization.stage3_max_reuse_distance
 
     def __post_init__(self):
         if self.lora_targets == "all-linear":
@@ -192,6 +205,11 @@ class Recipe:
         if self.offload_optimizer and (self.engine != "deepspeed" or not self.zero_stage):
             raise ValueError("Recipe(offload_optimizer=True): ZeRO-Offload needs engine='deepspeed' and "
                              "zero_stage >= 1")
+        for name in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold",
+                     "max_reuse_distance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ValueError(f"Recipe({name}={value!r}): a whole number of elements, as in the DeepSpeed config")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
@@ -343,7 +361,23 @@ def lora_block_activation_bytes(config, tokens: int, recipe: Recipe, act_bytes: 
                 d.hidden if {"gate_proj", "up_proj"} & set(targets) else 0,
                 d.intermediate if "down_proj" in targets else 0]
         per_token += sum(kept) * act_bytes
+    if recipe.weights == "int8":  # and every int8 layer keeps its input (``int8_kept_bytes``)
+        per_token = len(targets) * recipe.lora_rank * act_bytes + (2 * d.hidden + d.intermediate) * act_bytes
+        if recipe.lora_dropout > 0:
+            shapes = d.named_linear_shapes()
+            per_token += sum(shapes[t][1] * 2 * act_bytes for t in targets)
     return frozen_block_activation_bytes(d, tokens, act_bytes) + tokens * per_token
+
+
+def int8_kept_bytes(config, tokens: int, act_bytes: int = 4) -> int:
+    """What a block of bitsandbytes int8 layers keeps for backward outside autograd's saved tensors. Its matmul
+    (``MatMul8bitFp`` on the CPU, ``MatMul8bitLt`` on CUDA) stores its input on the autograd context
+    (``ctx.A``, ``ctx.tensors``) whenever the input requires grad, even though only the frozen weight is needed
+    for the input's gradient. So each layer's input is kept: the attention's input (q, k, v share it), the
+    attention output (o_proj), the MLP's input (gate, up) and the MLP product (down). Gradient checkpointing
+    drops only saved tensors: these stay for every block."""
+    d = Dims.of(config)
+    return tokens * (2 * d.hidden + d.q_dim + d.intermediate) * act_bytes
 
 
 def _lora_block0_unsaved(d: Dims, tokens: int, recipe: Recipe, a: int) -> int:
@@ -403,7 +437,9 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     if lora:
         path[-1] = (True, block_act - _lora_block0_unsaved(d, n, recipe, a))
     ckpt = recipe.gradient_checkpointing
-    saved = [saved_input if ckpt else act + copy for _, act in path]
+    # int8 layers keep their inputs through checkpointing (``int8_kept_bytes``).
+    int8_kept = int8_kept_bytes(d, n, a) if ckpt and recipe.weights == "int8" and lora else 0
+    saved = [saved_input + int8_kept if ckpt else act + copy for _, act in path]
     # The final norm's input, normalised value and output (under autocast: the output's 16-bit copy for the
     # lm_head); with LoRA (frozen norm and lm_head) only its input.
     head_act = n * d.hidden * (a if lora else 10 if amp else 3 * a)
@@ -422,7 +458,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     act_bytes = 2 if amp else a  # what the MLP's intermediates (and so their gradients) are stored in
     for j, (trains, act) in enumerate(path):
         below = sum(saved[j + 1:])
-        current = act + copy + (saved_input if ckpt else 0)
+        current = act + copy + (saved_input + int8_kept if ckpt else 0)
         transient = n * (2 * d.intermediate + d.hidden) * act_bytes  # gradients of the MLP's intermediates
         phases[f"block {len(path) - j}"] = (done * g_block + g_norm, below + current + transient + g_head + head_act)
         done += trains
@@ -461,7 +497,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
         tmp = 0
     phases["optimizer step"] = (p_train * grad_bytes, tmp)
     if recipe.world_size > 1 or recipe.zero_stage or recipe.engine == "deepspeed":
-        w, state, phases = _shard(recipe, w, state, phases, p_train, rotary_buffer_bytes(d))
+        w, state, phases = _shard(d, recipe, w, state, phases, p_train)
 
     name, (grads, acts) = max(phases.items(), key=lambda kv: kv[1][0] + kv[1][1])
     report = MemoryReport(weights=w, gradients=grads, optimizer=state, activations=acts, device=recipe.device)
@@ -469,32 +505,195 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     return report
 
 
-def _shard(recipe: Recipe, w: int, state: int, phases: dict, p_train: int, buffers: int):
-    """One rank's share of a data-parallel step (the ZeRO paper's partitioning, section 5). Buffers (the rotary
-    frequencies) are not parameters: every rank keeps them whole."""
-    n, stage = recipe.world_size, recipe.zero_stage
-    all_grads = p_train * recipe_grad_bytes(recipe)
+def _shard(d: Dims, recipe: Recipe, w: int, state: int, phases: dict, p_train: int):
+    """One rank's share of a data-parallel step: the model states partitioned as in the ZeRO paper (section 5),
+    plus what each engine keeps to communicate, per ``Recipe``'s engine settings. The single-process ``phases``
+    come in; each engine adds its own tensors to the moments they are alive:
 
-    def part(x: int, sharded: bool) -> int:
+    - DDP: buckets as large as every gradient, alive for the whole step (gradients if each .grad is a view into
+      them, else beside the .grads); at the end of backward the tied embedding's fresh gradient is not in its
+      bucket yet.
+    - FSDP2: the root (embedding, lm_head, final norm) stays gathered from forward to the end of backward; a
+      block is gathered while it runs, the next one down is prefetched in backward, and the gradients of the
+      block above wait, whole, in the reduce-scatter input until the next reduce-scatter.
+    - DeepSpeed ZeRO-1/2: the reduction bucket (two with ``overlap_comm``); ZeRO-2 also copies the reduced
+      gradient of every parameter that overlaps the rank's partition into one buffer (whole parameters, so at the
+      boundary more than the partition; the rank holding the most is the one predicted).
+    - DeepSpeed ZeRO-3: a flat buffer of the rank's gradient partition and the reduction bucket for the whole
+      step; parameters under the persistence threshold kept whole; the module running gathered, plus the prefetch
+      bucket; and a gathered parameter the step uses again within ``max_reuse_distance`` elements is not released:
+      the tied embedding, and every block whose backward comes that soon after its forward (on a model under
+      about half a billion parameters, all of them).
+    Buffers (the rotary frequencies) are not parameters: every rank keeps them whole.
+    """
+    n, stage = recipe.world_size, recipe.zero_stage
+    gb = recipe_grad_bytes(recipe)
+    all_grads = p_train * gb
+    buffers = rotary_buffer_bytes(d)
+
+    def part(x: int, sharded: bool = True) -> int:
         return -(-x // n) if sharded else x
 
-    zero_optimizer = recipe.engine == "deepspeed" and stage >= 1  # DeepSpeed's ZeRO optimizer wraps the step
+    deepspeed = recipe.engine == "deepspeed"
+    zero_optimizer = deepspeed and stage >= 1  # DeepSpeed's ZeRO optimizer wraps the step
     if zero_optimizer:
         state += p_train * 4  # its fp32 master copy of every trainable parameter
     state = part(state, stage >= 1)
-    w = part(w - buffers, stage >= 3) + buffers
-    phases = {k: (part(g, stage >= 2), a) for k, (g, a) in phases.items()}
-    if zero_optimizer and recipe.optimizer in ("adamw", "adam"):
-        # The inner optimizer steps one flat fp32 partition: AdamW's two temporaries are the partition's size.
-        phases["optimizer step"] = (part(all_grads, stage >= 2), 2 * part(p_train * 4, True))
-    elif stage >= 3:  # FSDP: each parameter's shard is stepped on its own
-        g, tmp = phases["optimizer step"]
-        phases["optimizer step"] = (g, part(tmp, True))
+    block_w = _block_weight_bytes(d, recipe)
+    root_w = w - buffers - d.layers * block_w  # embedding, lm_head, final norm (and any LoRA adapters)
+    full = recipe.trainable_blocks is None and not recipe.lora_rank
+    # The tied embedding's gradient is summed from the lm_head's and the embedding's just before it is stored: at
+    # the end of backward it is a fresh tensor beside whatever buffer it goes into.
+    fresh_head = d.embedding_params * gb if full and d.tied else 0
+    # The root's gradients (embedding, lm_head, final norm) and one trainable block's.
+    if full:
+        g_root = (d.embedding_params * (1 if d.tied else 2) + d.hidden) * gb
+    else:
+        g_root = d.hidden * gb if not recipe.lora_rank and recipe.trainable_at == "top" else 0
+    trainable_blocks = d.layers if recipe.trainable_blocks is None else min(recipe.trainable_blocks, d.layers)
+    g_block = (all_grads - g_root) // max(1, trainable_blocks)
+    new = {}
+    if n > 1 and stage == 0 and not deepspeed:  # DDP
+        buckets = all_grads
+        for k, (g, a) in phases.items():
+            if recipe.gradient_as_bucket_view:
+                new[k] = (buckets + (fresh_head if k.startswith("backward end") else 0), a)
+            else:
+                new[k] = (g, a + buckets)
+        return w, state, new
+    if stage >= 3 and not deepspeed:  # FSDP2
+        w = part(w - buffers) + buffers
+        whole_blocks = d.layers * block_w if not recipe.reshard_after_forward else 0
+        for k, (g, a) in phases.items():
+            gathered = root_w + whole_blocks
+            if k.startswith("block"):
+                j = int(k.split()[1].rstrip(","))  # blocks are numbered from the bottom, 1 = lowest
+                if recipe.reshard_after_forward:
+                    gathered += block_w * (2 if j > 1 else 1)  # this block, and the one below prefetched
+                waiting = g_block if j < d.layers else 0  # the block above's reduce-scatter input
+                new[k] = (part(g), a + gathered + waiting)
+            elif k.startswith("backward end"):  # the root's gradients, whole, before their reduce-scatter
+                new[k] = (part(g - g_root), a + gathered + g_root + g_block)
+            elif k == "optimizer step":  # each parameter's shard is stepped on its own
+                new[k] = (part(g), part(a))
+            else:  # backward start: the top block is prefetched
+                new[k] = (g, a + gathered + (block_w if recipe.reshard_after_forward else 0))
+        return w, state, new
+    if not deepspeed or stage == 0:  # plain data parallel without buffers modelled
+        return w, state, phases
+    flat = _flat_order(d, recipe)
+    partition = part(sum(flat))
+    overlap = recipe.overlap_comm if recipe.overlap_comm is not None else stage == 3
+    bucket = recipe.reduce_bucket_size * gb  # allocated whole, however small the model (its default is 2 GB of fp32)
+    # The inner optimizer steps one flat fp32 partition. AdamW's temporaries are then the partition's size: two on the
+    # CPU (one tensor at a time), one on CUDA (the foreach path's sqrt of the second moment). Other optimizers update
+    # in place.
+    step_tmp = (1 if recipe.device == "cuda" else 2) * partition * 4 if recipe.optimizer in ("adamw", "adam") else 0
+    if stage in (1, 2):
+        bucket *= 2 if overlap else 1
+        if stage == 1:
+            for k, (g, a) in phases.items():
+                new[k] = (g, a + (bucket if k != "backward start" else 0))
+            new["optimizer step"] = (all_grads, step_tmp + bucket)
+            return w, state, new
+        # ZeRO-2: the reduced gradients this rank keeps, whole parameters; with the optimizer offloaded they go
+        # straight into the fp32 gradient of its partition, in CPU memory.
+        if recipe.offload_optimizer:
+            held = partition * 4 if recipe.device == "cpu" else 0
+        else:
+            held = _largest_overlap(flat, n) * gb
+        # With the optimizer offloaded, that fp32 partition gradient is allocated once and lives across steps.
+        resident = held if recipe.offload_optimizer else 0
+        for k, (g, a) in phases.items():
+            if k.startswith("block"):
+                new[k] = (held + bucket, a)
+            elif k.startswith("backward end"):
+                new[k] = (held + bucket + fresh_head, a)
+            elif k == "optimizer step":
+                new[k] = (held + (0 if recipe.offload_optimizer else partition * 4), step_tmp + bucket)
+            else:
+                new[k] = (g + resident, a)
+        if recipe.offload_optimizer and recipe.device != "cpu":  # the step runs on the CPU
+            state = 0
+            new = {k: v for k, v in new.items() if k != "optimizer step"}
+        return w, state, new
+    # ZeRO-3
+    shapes = trainable_tensor_sizes(d, Recipe())  # every parameter: ZeRO-3 partitions frozen ones too
+    persistent = sum(x for x in shapes if x < recipe.param_persistence_threshold) * (w - buffers) // max(1, sum(shapes))
+    w = part(w - buffers - persistent) + persistent + buffers
+    grad_partition = part(all_grads)
+    per_element = block_w / max(1, d.block_params)  # bytes of a gathered parameter element
+    # After a module runs, its parameters stay gathered if the trace uses them again within max_reuse_distance
+    # elements: a block used in the forward is used again in the backward after the blocks above it and the lm_head
+    # (twice each), so the top ``kept`` blocks stay gathered from forward to backward; the tied embedding is used again
+    # after every block.
+    head = d.embedding_params
+    kept = sum(1 for k in range(d.layers) if 2 * k * d.block_params + 2 * head < recipe.max_reuse_distance)
+    embedding_kept = d.layers * d.block_params < recipe.max_reuse_distance
+    fetched = int(max(o * i for o, i in d.linear_shapes()) * per_element)  # a module not kept: gathered to run
+    prefetch = int(min(recipe.prefetch_bucket_size, d.block_params) * per_element)
+    for k, (_g, a) in phases.items():
+        if k.startswith("block"):
+            j = int(k.split()[1].rstrip(","))  # from the bottom, 1 = lowest; the top ``kept`` are still gathered
+            still = max(0, j - (d.layers - kept))
+            running = 0 if j > d.layers - kept else fetched + prefetch
+            new[k] = (grad_partition + bucket, a + root_w * embedding_kept + still * block_w + running)
+        elif k.startswith("backward end"):
+            new[k] = (grad_partition + bucket + fresh_head, a + root_w)
+        elif k == "optimizer step":
+            new[k] = (grad_partition + partition * 4, step_tmp)
+        else:  # backward start: the lm_head (the embedding) running, the kept blocks gathered
+            new[k] = (grad_partition + bucket, a + root_w + kept * block_w)
     if recipe.offload_optimizer and recipe.device != "cpu":
-        # ZeRO-Offload: master weights, moments, the gradient partition and the step itself live on the CPU.
         state = 0
-        phases = {k: (0, a) for k, (g, a) in phases.items() if k != "optimizer step"}
-    return w, state, phases
+    return w, state, new
+
+
+def _block_weight_bytes(d: Dims, recipe: Recipe) -> int:
+    """One decoder block's weights as stored (quantized linear layers, norms in their dtype)."""
+    if recipe.weights in QUANTIZED:
+        linear = sum(_quantized_linear_bytes(o, i, recipe) for o, i in d.linear_shapes())
+        return linear + 2 * d.hidden * BYTES[recipe.unquantized]
+    return d.block_params * BYTES[recipe.weights]
+
+
+def _flat_order(d: Dims, recipe: Recipe) -> list[int]:
+    """The trainable parameters' sizes in the model's order (embedding first), as DeepSpeed flattens them."""
+    sizes = trainable_tensor_sizes(d, recipe)
+    if recipe.trainable_blocks is None and not recipe.lora_rank:  # [blocks..., embedding, norm, (lm_head)]
+        blocks = sizes[:d.layers * 9]
+        return [sizes[d.layers * 9], *blocks, *sizes[d.layers * 9 + 1:]]
+    return sizes
+
+
+def _largest_overlap(flat: list[int], n: int) -> int:
+    """The most elements any rank's ZeRO-2 partition buffer holds: every parameter that overlaps the rank's
+    1/n of the flattened parameters counts whole (DeepSpeed copies whole parameters into it)."""
+    total = sum(flat)
+    size = -(-total // n)
+    best = 0
+    for r in range(n):
+        lo, hi, start, held = r * size, (r + 1) * size, 0, 0
+        for x in flat:
+            if start < hi and start + x > lo:
+                held += x
+            start += x
+        best = max(best, held)
+    return best
+
+
+def model_states(config, recipe: Recipe = Recipe()) -> dict[str, int]:
+    """One rank's *model states* when the optimizer steps, the quantities the ZeRO paper's formulas count: the
+    weights it holds, the gradients the optimizer consumes (its partition from ZeRO-2 on), the optimizer state
+    (DeepSpeed's fp32 master partition included). ``predict`` gives the peak of the step instead, with each
+    engine's buffers."""
+    d = Dims.of(config)
+    peak = predict(d, recipe)
+    n, stage = recipe.world_size, recipe.zero_stage
+    grads = trainable_params(d, recipe) * recipe_grad_bytes(recipe)
+    offloaded = recipe.offload_optimizer and recipe.device != "cpu"
+    return {"weights": peak.weights, "gradients": 0 if offloaded else -(-grads // n) if stage >= 2 else grads,
+            "optimizer": peak.optimizer}
 
 
 def recipe_grad_bytes(recipe: Recipe) -> int:

@@ -12,6 +12,10 @@ by heuristics: the model's parameters, buffers and quantization constants are **
 registered on trainable parameters, so frozen and quantized models work); tensors in
 ``optimizer.state`` are **optimizer state**; everything else is **activations and temporaries**.
 
+Some engines free memory without freeing a tensor: FSDP2 keeps each gathered parameter's tensor and shrinks its
+storage to zero bytes between uses (``storage.resize_(0)``). The meter sees those resizes too (it wraps
+``torch.UntypedStorage.resize_`` while it runs), so such a storage counts only while it holds bytes.
+
 What it does not see: memory an operator allocates and frees inside its own C++ kernel (workspace
 buffers), tensors created by other threads (the dispatch mode is per thread), and memory outside
 tensors (the Python interpreter, CUDA context, allocator caching). On CUDA the report therefore also
@@ -191,6 +195,20 @@ class _Tracker(TorchDispatchMode):
         for t in tensors:
             self.add(t, category)
 
+    def resized(self, storage) -> None:
+        """``storage`` changed size in place (``resize_``): it ends the old allocation and, unless now empty,
+        starts one of the new size in the same category."""
+        key = storage._cdata
+        idx = self.live.get(key)
+        if idx is None or storage.device.type != self.device_type or storage.nbytes() == self.records[idx][0]:
+            return
+        category = self.records[idx][1]
+        self._free(key, keep_ref=True)
+        if storage.nbytes():
+            self.clock += 1
+            self.live[key] = len(self.records)
+            self.records.append([storage.nbytes(), category, self.clock, None])
+
     def _free(self, key: int, keep_ref: bool = False) -> None:
         idx = self.live.pop(key, None)
         if not keep_ref:
@@ -227,6 +245,17 @@ class _Tracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.add(t)
         return out
+
+
+_ACTIVE: list[_Tracker] = []  # trackers of the meters running now (nested meters each see every resize)
+_plain_resize = torch.UntypedStorage.resize_
+
+
+def _resize_seen(storage, size):
+    out = _plain_resize(storage, size)
+    for tracker in _ACTIVE:
+        tracker.resized(storage)
+    return out
 
 
 def _device_of(model, optimizer) -> torch.device:
@@ -270,6 +299,9 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        if not _ACTIVE:
+            torch.UntypedStorage.resize_ = _resize_seen
+        _ACTIVE.append(self.tracker)
         self.tracker.__enter__()
         self._t0 = time.perf_counter()
         return self
@@ -296,6 +328,9 @@ class Meter:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._t0
         self.tracker.__exit__(*exc)
+        _ACTIVE.remove(self.tracker)
+        if not _ACTIVE:
+            torch.UntypedStorage.resize_ = _plain_resize
         for h in self._handles:
             h.remove()
         self._classify(self.tracker)

@@ -14,6 +14,20 @@ GPU budgets (``GPUS``). A card sold as "16 GB" does not give you 16 GB: the driv
 141 GB shows 143,156 MiB), and before the first tensor the CUDA context, cuBLAS workspaces and the caching
 allocator's slack take their share. One convention here: the label read in decimal gigabytes (16 GB = 16e9 bytes),
 of which ``USABLE`` (90 %) is the budget. A T4's budget is 14.4e9 bytes, 13.4 GiB. Numbers are shown in GiB.
+The 10 % left is the headroom "fits" keeps for what the predictor does not count, on a T4: the label's 16e9 bytes
+against the 15.8e9 the driver shows (1 %), the CUDA context and cuBLAS workspaces (about 0.3 to 0.5 GiB, 2 to 3 %),
+and the caching allocator's fragmentation (blocks reserved but not allocated, typically a few percent of the peak).
+A plan that fits with less than a few hundred MiB to spare can still fail: ``Plan.headroom`` says how much is left.
+
+QLoRA rows. ``prepare_model_for_kbit_training`` (lesson 05, the capstone) casts every parameter bitsandbytes left
+unquantized (embeddings, lm_head, norms) to fp32, so ``unquantized="fp32"`` is the default; ``unquantized="bf16"``
+(or "fp16") plans a model loaded with ``dtype=torch.bfloat16`` and not prepared. On Llama-3-8B the difference is its
+1 B embedding and lm_head parameters: about 2 GiB.
+
+Several GPUs (``gpus=N``, ``sharding=``): the per-GPU peak of data parallel training (lesson 09), with each engine's
+own buffers as ``helpers.estimate`` models them: "ddp", "zero1", "zero2", "zero3" (DeepSpeed, with the HF Trainer's
+``"auto"`` bucket sizes, as in ``configs/deepspeed``) or "fsdp" (FSDP2 full shard). ``batch_size`` is then each
+GPU's batch.
 
 The cost ladder (``cheapest_fit``, every candidate in order: ``ladder``). Techniques are ordered by what they
 cost you, and the cheapest recipe is the first that fits:
@@ -30,8 +44,8 @@ Each technique costs more than every combination of the cheaper ones, so the lad
 cost nothing and are tried on every rung before the next: gradient accumulation (the same effective batch in
 micro-batches of batch, batch/2, ... 1: no quality lost, only GPU efficiency) and, for a full fine-tune, mixed
 precision (autocast in the GPU's 16-bit type, after plain fp32 at each micro-batch; on tensor cores it is faster).
-For inference (``training=False``) the ladder is the weight format: fp32, 16-bit, int8, nf4. Sharding across
-several GPUs (ZeRO, FSDP: lesson 09) and CPU offload are out of scope: the planner plans one GPU.
+For inference (``training=False``) the ladder is the weight format: fp32, 16-bit, int8, nf4. The ladder plans one
+GPU; ``plan(..., gpus=N, sharding="zero3")`` plans several (CPU offload is out of scope).
 """
 
 from __future__ import annotations
@@ -40,14 +54,16 @@ import numbers
 from dataclasses import dataclass, field, replace
 from functools import cache
 
-from .estimate import Recipe, predict
+from .estimate import Dims, Recipe, predict
 from .memory import CATEGORIES, LABELS, MemoryReport
 
 GiB = 2**30
 USABLE = 0.90  # the share of a card's label the planner budgets (see the module docstring)
 LORA_RANK = 16  # lora=True: rank 16 on every linear layer, the QLoRA paper's targets
-TECHNIQUES = ("weights", "autocast", "lora", "gradient_checkpointing", "optimizer", "gradient_accumulation_steps",
-              "training")  # the toggles plan() takes
+TECHNIQUES = ("weights", "unquantized", "autocast", "lora", "gradient_checkpointing", "optimizer",
+              "gradient_accumulation_steps", "training", "gpus", "sharding")  # the toggles plan() takes
+SHARDING = {"ddp": ("torch", 0), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3),
+            "fsdp": ("torch", 3)}  # sharding= -> (Recipe.engine, Recipe.zero_stage)
 
 # Smallest first: the order of the widget's list.
 MODELS = ("smollm2-135m", "smollm2-360m", "smollm2-1.7b", "mistral-7b", "qwen2.5-7b", "llama-3-8b", "qwen2.5-14b",
@@ -73,8 +89,9 @@ class GPU:
 
 GPUS = {g.name: g for g in (
     GPU("8 GB", 8), GPU("12 GB", 12),  # consumer cards (RTX 3060 to 4070 class)
-    GPU("T4", 16, half="fp16"), GPU("L4", 24), GPU("RTX 4090", 24),
-    GPU("A100 40GB", 40), GPU("A100 80GB", 80), GPU("H100", 80), GPU("H200", 141))}
+    GPU("T4", 16, half="fp16"), GPU("V100 16GB", 16, half="fp16"), GPU("L4", 24), GPU("A10G", 24),
+    GPU("RTX 4090", 24), GPU("V100 32GB", 32, half="fp16"), GPU("A100 40GB", 40), GPU("L40S", 48),
+    GPU("A100 80GB", 80), GPU("H100", 80), GPU("H200", 141))}
 
 
 def _gib(n: float) -> str:
@@ -184,9 +201,18 @@ class Plan:
 def describe(recipe: Recipe) -> str:
     """A recipe in words: "LoRA r16 over nf4 (double quant) weights, gradient checkpointing, AdamW"."""
     base = recipe.weights + (" (double quant)" if recipe.double_quant and recipe.weights in ("nf4", "fp4") else "")
+    if recipe.weights in ("int8", "nf4", "fp4"):
+        base += f" weights (the rest {recipe.unquantized})"
+    else:
+        base += " weights"
     if not recipe.training:
-        return f"inference, {base} weights"
-    words = [f"LoRA r{recipe.lora_rank} over {base} weights" if recipe.lora_rank else f"full fine-tune, {base} weights"]
+        return f"inference, {base}"
+    if recipe.lora_rank:
+        words = [f"LoRA r{recipe.lora_rank} over {base}"]
+    elif recipe.trainable_blocks is not None:
+        words = [f"{recipe.trainable_at} {recipe.trainable_blocks} blocks trained, {base}"]
+    else:
+        words = [f"full fine-tune, {base}"]
     if recipe.autocast:
         words.append(f"{recipe.autocast} autocast")
     if recipe.gradient_checkpointing:
@@ -195,6 +221,10 @@ def describe(recipe: Recipe) -> str:
                   "adafactor": "Adafactor"}.get(recipe.optimizer, recipe.optimizer))
     if recipe.gradient_accumulation_steps > 1:
         words.append(f"micro-batch {recipe.batch_size} x {recipe.gradient_accumulation_steps} accumulation steps")
+    if recipe.world_size > 1:
+        engine = next(k for k, v in SHARDING.items() if v == (recipe.engine, recipe.zero_stage))
+        words.append(f"{engine.upper() if engine in ('ddp', 'fsdp') else 'ZeRO-' + engine[-1]} over "
+                     f"{recipe.world_size} GPUs" + (" (optimizer offloaded)" if recipe.offload_optimizer else ""))
     return ", ".join(words)
 
 
@@ -232,8 +262,9 @@ def _whole(name: str, value) -> int:
     return int(value)
 
 
-def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="fp32", autocast=None, lora=False,
-            gradient_checkpointing=False, optimizer="adamw", gradient_accumulation_steps=1) -> Recipe:
+def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="fp32", unquantized="fp32",
+            autocast=None, lora=False, gradient_checkpointing=False, optimizer="adamw", gradient_accumulation_steps=1,
+            gpus=1, sharding="zero3", config=None) -> Recipe:
     steps = _whole("gradient_accumulation_steps", gradient_accumulation_steps)
     if batch_size % steps:
         raise ValueError(f"batch_size {batch_size} does not split into {steps} equal micro-batches: "
@@ -241,14 +272,23 @@ def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="
     if autocast is True:  # a checkbox: the GPU's own 16-bit type
         autocast = gpu.half
     rank = LORA_RANK if lora is True else int(lora or 0)
-    quantized = weights in ("int8", "nf4", "fp4")
-    # On a GPU, a quantized base keeps embeddings, norms and lm_head in 16 bit (from_pretrained(dtype=...)), and
-    # a 4-bit base uses double quantization, as in the QLoRA recipe.
+    gpus = _whole("gpus", gpus)
+    if sharding not in SHARDING:
+        raise ValueError(f"sharding={sharding!r}: choose one of {', '.join(SHARDING)}")
+    engine, stage = SHARDING[sharding] if gpus > 1 else ("torch", 0)
+    shard = {}
+    if engine == "deepspeed":  # the HF Trainer's "auto" values (configs/deepspeed); moments beside the fp32 master
+        hidden = Dims.of(config).hidden
+        shard = dict(reduce_bucket_size=hidden * hidden, prefetch_bucket_size=int(0.9 * hidden * hidden),
+                     param_persistence_threshold=10 * hidden, state_dtype="fp32")
+    # A 4-bit base uses double quantization, as in the QLoRA recipe; what bitsandbytes leaves unquantized is fp32
+    # after prepare_model_for_kbit_training (module docstring).
     return Recipe(batch_size=batch_size // steps, seq_len=seq_len, training=training, weights=weights,
-                  double_quant=weights in ("nf4", "fp4"), unquantized=gpu.half if quantized else "fp32",
+                  double_quant=weights in ("nf4", "fp4"), unquantized=unquantized,
                   optimizer=optimizer if training else "none", autocast=autocast or None, lora_rank=rank,
                   lora_targets="all-linear", gradient_checkpointing=gradient_checkpointing and training,
-                  gradient_accumulation_steps=steps, device="cuda")
+                  gradient_accumulation_steps=steps, device="cuda", world_size=gpus, engine=engine, zero_stage=stage,
+                  **shard)
 
 
 def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> Plan:
@@ -257,10 +297,13 @@ def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> P
     ``model``: a name in ``MODELS`` (or a transformers config); ``gpu``: a name in ``GPUS`` (spaces, case and
     dashes do not matter: "a100-80gb") or ``GPU(name, gb)``; ``batch_size``: the effective batch, split into
     micro-batches by ``gradient_accumulation_steps``. Technique toggles, as ``helpers.estimate.Recipe`` has them:
-    ``weights`` ("fp32", "bf16", "fp16", "int8", "nf4"), ``autocast`` (None, "bf16", "fp16", or True for the GPU's
-    16-bit type), ``lora`` (False, True for rank 16 on every linear layer, or a rank), ``gradient_checkpointing``,
+    ``weights`` ("fp32", "bf16", "fp16", "int8", "nf4"), ``unquantized`` (the dtype of what a quantized base leaves
+    unquantized: "fp32" after ``prepare_model_for_kbit_training``, the default; "bf16" or "fp16"), ``autocast``
+    (None, "bf16", "fp16", or True for the GPU's 16-bit type), ``lora`` (False, True for rank 16 on every linear
+    layer, or a rank), ``gradient_checkpointing``,
     ``optimizer`` ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "sgd"), ``gradient_accumulation_steps``,
-    and ``training`` (False: one forward pass, no KV cache). Raises ``ValueError`` naming the valid choices.
+    ``training`` (False: one forward pass, no KV cache), and ``gpus`` with ``sharding`` ("ddp", "zero1", "zero2",
+    "zero3", "fsdp"): the peak per GPU, ``batch_size`` per GPU. Raises ``ValueError`` naming the valid choices.
     """
     unknown = sorted(set(techniques) - set(TECHNIQUES))
     if unknown:
@@ -268,7 +311,7 @@ def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> P
     name, config = _model(model)
     gpu = _gpu(gpu)
     batch_size, seq_len = _whole("batch_size", batch_size), _whole("seq_len", seq_len)
-    recipe = _recipe(gpu, batch_size, seq_len, **techniques)
+    recipe = _recipe(gpu, batch_size, seq_len, config=config, **techniques)
     return Plan(name, gpu, batch_size, seq_len, recipe, predict(config, recipe))
 
 
@@ -315,7 +358,7 @@ def cheapest_fit(model, gpu, batch_size: int = 1, seq_len: int = 512, training: 
     note = (f"Nothing on the cost ladder fits {gpu.name} at batch {batch_size} x {seq_len:,} tokens: the smallest "
             f"predicted peak is {best.peak / GiB:,.2f} GiB ({best.label}), {-best.headroom / GiB:,.2f} GiB over the "
             f"budget of {gpu.budget / GiB:,.2f} GiB. Shorten seq_len, choose a larger GPU, or shard across several "
-            "(lesson 09).")
+            "(lesson 09; plan(..., gpus=8, sharding='zero3')).")
     return replace(best, note=note)
 
 

@@ -12,11 +12,12 @@ import io
 
 import ipywidgets as widgets
 
-from .planner import GPUS, MODELS, cheapest_fit, plan, plot_plans
+from .planner import GPUS, MODELS, SHARDING, cheapest_fit, plan, plot_plans
 
 SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 WEIGHTS = ("fp32", "bf16", "fp16", "int8", "nf4")
 OPTIMIZERS = ("adamw", "paged_adamw8bit", "adamw8bit", "adafactor", "sgd")
+UNQUANTIZED = ("fp32", "bf16", "fp16")  # fp32: prepare_model_for_kbit_training, as the course teaches
 
 
 class PlannerApp:
@@ -24,7 +25,7 @@ class PlannerApp:
 
     def __init__(self, model="smollm2-135m", gpu="T4", batch_size=8, seq_len=512, weights="fp32",
                  autocast=False, lora=False, gradient_checkpointing=False, optimizer="adamw",
-                 gradient_accumulation_steps=1, training=True):
+                 gradient_accumulation_steps=1, training=True, unquantized="fp32", gpus=1, sharding="zero3"):
         wide = {"style": {"description_width": "initial"}}
         self.controls = {
             "model": widgets.Dropdown(options=MODELS, value=model, description="model"),
@@ -35,12 +36,16 @@ class PlannerApp:
                                                                   max=4096, description="accumulation steps",
                                                                   **wide),
             "weights": widgets.Dropdown(options=WEIGHTS, value=weights, description="weights"),
+            "unquantized": widgets.Dropdown(options=UNQUANTIZED, value=unquantized,
+                                            description="rest of a quantized model", **wide),
             "optimizer": widgets.Dropdown(options=OPTIMIZERS, value=optimizer, description="optimizer"),
             "autocast": widgets.Checkbox(value=autocast, description="mixed precision (autocast)"),
             "lora": widgets.Checkbox(value=lora, description="LoRA r16"),
             "gradient_checkpointing": widgets.Checkbox(value=gradient_checkpointing,
                                                        description="gradient checkpointing"),
             "training": widgets.Checkbox(value=training, description="training (off: one forward pass)"),
+            "gpus": widgets.BoundedIntText(value=gpus, min=1, max=1024, description="GPUs", **wide),
+            "sharding": widgets.Dropdown(options=tuple(SHARDING), value=sharding, description="sharding", **wide),
         }
         self.chart = widgets.Image(format="png")
         self.verdict = widgets.HTML()
@@ -48,7 +53,8 @@ class PlannerApp:
         self.widget = widgets.VBox([
             widgets.HBox([c["model"], c["gpu"]]),
             widgets.HBox([c["batch_size"], c["seq_len"], c["gradient_accumulation_steps"]]),
-            widgets.HBox([c["weights"], c["optimizer"]]),
+            widgets.HBox([c["weights"], c["unquantized"], c["optimizer"]]),
+            widgets.HBox([c["gpus"], c["sharding"]]),
             widgets.HBox([c["autocast"], c["lora"], c["gradient_checkpointing"], c["training"]]),
             widgets.HBox([self.chart, self.verdict])])
         for control in c.values():
@@ -71,7 +77,7 @@ class PlannerApp:
             self.verdict.value = f"<p style='color:#b00'>{err}</p>"
             return
         self.verdict.value = (f"<h4>Your recipe</h4>{self.plan._repr_html_()}"
-                              f"<h4>Cheapest recipe that fits</h4>{self.cheapest._repr_html_()}")
+                              f"<h4>Cheapest recipe that fits one GPU</h4>{self.cheapest._repr_html_()}")
         self.chart.value = _png({"your recipe": self.plan, "cheapest fit": self.cheapest})
 
     def _repr_mimebundle_(self, **kwargs):

@@ -217,7 +217,8 @@ SPECS: dict[str, Headline] = {
               ("s per step, Adafactor", "runs['adafactor']['seconds_per_step']")),
     ),
     "09": Headline(
-        technique="sharding over two processes: DDP, FSDP2, ZeRO-2, ZeRO-3 (rank 0 of 2, mid-size model, fp32)",
+        technique="sharding over two processes: DDP, FSDP2, ZeRO-2, ZeRO-3 (the rank holding the most of 2, "
+                  "mid-size model, fp32)",
         configs=(("DDP", "peaks['ddp']"), ("FSDP2", "peaks['fsdp']"), ("ZeRO-2", "peaks['zero2']"),
                  ("ZeRO-3", "peaks['zero3']")),
         predicted=tuple((name, f"predict(config, recipe_for('{key}'))", f"peaks['{key}']")

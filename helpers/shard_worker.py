@@ -61,11 +61,19 @@ def course_corpus():
     return Corpus(load_tokenizer(), max_chars=200_000)
 
 
+# DeepSpeed's buffer sizes for these small runs, in elements (its defaults would allocate a 2 GB reduction bucket);
+# ``helpers.sharding.recipe`` gives the predictor the same numbers.
+DEEPSPEED_BUFFERS = {"reduce_bucket_size": 2_000_000, "prefetch_bucket_size": 2_000_000,
+                     "param_persistence_threshold": 0}
+
+
 def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
     """The ZeRO config this run uses (the files in ``configs/`` are the same, sized for GPUs)."""
-    zero = {"stage": stage, "reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000}
+    zero = {"stage": stage, "reduce_bucket_size": DEEPSPEED_BUFFERS["reduce_bucket_size"],
+            "allgather_bucket_size": 2_000_000}
     if stage == 3:
-        zero.update(stage3_prefetch_bucket_size=2_000_000, stage3_param_persistence_threshold=0)
+        zero.update(stage3_prefetch_bucket_size=DEEPSPEED_BUFFERS["prefetch_bucket_size"],
+                    stage3_param_persistence_threshold=DEEPSPEED_BUFFERS["param_persistence_threshold"])
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     # gradient_clipping: DeepSpeed 0.19 clips the gradient norm to 1.0 unless told otherwise; the PyTorch loops
@@ -85,6 +93,7 @@ class Run:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         model = build_model(args).train()  # the lesson's models load in eval mode; the engines train them
         self.params = sum(p.numel() for p in model.parameters())
+        self.bucket_views: list[torch.Tensor] = []
         self.module = self.model = model
         if engine == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -112,18 +121,27 @@ class Run:
         return {k: v[self.rank::self.world_size] for k, v in whole.items()}
 
     def state(self) -> dict[str, list]:
-        """DeepSpeed's own tensors by category: the fp32 master partition is optimizer state (the ZeRO paper's
-        K = 12 bytes count it there) and, under ZeRO-3, each parameter's ``ds_tensor`` shard is a weight. Gradient
-        partitions are named by the Meter when the optimizer consumes them; DeepSpeed's reduction buckets stay
-        temporaries (the paper's "residual states")."""
+        """The engine's own long-lived tensors by category, so that the meter counts them from the start of the step
+        (a tensor made before the step is otherwise counted from the moment the step first touches it):
+        - DDP: its all-reduce buckets, which every .grad is a view into (gradient_as_bucket_view);
+        - DeepSpeed: the fp32 master partition is optimizer state (the ZeRO paper's K = 12 bytes count it there);
+          under ZeRO-3 each parameter's ``ds_tensor`` shard is a weight, and the flat buffer of the rank's gradient
+          partition and the reduction bucket live from one step to the next; with the optimizer offloaded, so
+          does the fp32 gradient of the partition. Other buffers are made inside the step and seen as they are."""
+        if self.engine_name == "ddp":
+            return {"gradients": self.bucket_views}
         if self.engine_name != "zero":
             return {}
         opt = self.optimizer
         master = [*getattr(opt, "single_partition_of_fp32_groups", []),  # stages 1 and 2
                   *getattr(opt, "fp32_partitioned_groups_flat", [])]  # stage 3
-        out = {"optimizer": master}
+        out = {"optimizer": master, "gradients": [], "activations": []}
         if self.stage == 3:
             out["weights"] = [p.ds_tensor for p in self.module.parameters() if hasattr(p, "ds_tensor")]
+            out["gradients"].append(opt.grad_partitions_flat_buffer)
+            out["activations"] += [b.buffer for b in opt.ipg_buckets.values() if b.buffer is not None]
+        elif self.offload:
+            out["gradients"] += [m.grad for m in master if m.grad is not None]
         return out
 
     def backward(self, step: int) -> torch.Tensor:
@@ -143,6 +161,9 @@ class Run:
             self.model.step()
         else:
             self.optimizer.step()
+            # DDP's buckets outlive the .grad views into them; keep the views to name the buckets (no extra bytes).
+            if self.engine_name == "ddp":
+                self.bucket_views = [p.grad for p in self.module.parameters() if p.grad is not None]
             self.optimizer.zero_grad(set_to_none=True)
 
     def mean_loss(self, loss: torch.Tensor) -> float:

@@ -53,6 +53,24 @@ RUNS = {
 }
 
 
+def recipe(name: str, micro_batch: int = 1, seq_len: int = 64):
+    """The ``helpers.estimate.Recipe`` of ``RUNS[name]`` as each rank of ``helpers.shard_worker`` runs it: the
+    engine, its stage and the settings its buffers depend on (DDP's gradient-as-bucket-view buckets, DeepSpeed's
+    bucket sizes), ``micro_batch`` rows of ``seq_len`` tokens per rank, fp32 AdamW."""
+    from .estimate import Recipe
+    from .shard_worker import DEEPSPEED_BUFFERS
+
+    spec = RUNS[name]
+    if spec.engine == "single":
+        return Recipe(batch_size=micro_batch * WORLD_SIZE, seq_len=seq_len)
+    base = Recipe(batch_size=micro_batch, seq_len=seq_len, world_size=WORLD_SIZE)
+    if spec.engine == "ddp":
+        return base.but(gradient_as_bucket_view=True)
+    if spec.engine == "zero":
+        return base.but(engine="deepspeed", zero_stage=spec.stage, offload_optimizer=spec.offload, **DEEPSPEED_BUFFERS)
+    return base.but(zero_stage=spec.stage)  # FSDP
+
+
 class LaunchError(RuntimeError):
     """A multi-process launch that did not produce a report from every rank; the message says why."""
 

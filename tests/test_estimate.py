@@ -9,6 +9,7 @@ from helpers.estimate import (
     Dims,
     Recipe,
     compare,
+    model_states,
     offloaded_bytes,
     optimizer_state_bytes,
     predict,
@@ -110,11 +111,15 @@ def test_sgd_and_frozen_recipes_within_10_percent(optimizer, blocks):
     assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
 
 
-def test_benchmark_on_the_course_model_smallest_and_checkpointed():
+def test_benchmark_subset_on_the_course_model():
+    """Two of ``python -m helpers.benchmark``'s cases, on the real course model: the int8 layers' inputs kept
+    through checkpointing, and training only the bottom blocks with SGD (the engines' cases run on the tiny model
+    in tests/test_sharding.py)."""
     from helpers.benchmark import TOLERANCE, run
 
-    rows = run([2], [64], checkpointing=(True,))
-    assert rows and all(abs(r["error"]) < TOLERANCE for r in rows)
+    rows = run(["int8_lora_ckpt", "frozen_bottom2_sgd"])
+    assert [r["case"] for r in rows] == ["int8_lora_ckpt", "frozen_bottom2_sgd"]
+    assert all(abs(r["error"]) < TOLERANCE for r in rows), rows
 
 
 @pytest.mark.parametrize("b,t,optimizer", [(4, 64, "adamw"), (1, 16, "adamw"), (8, 128, "sgd")])
@@ -355,14 +360,74 @@ def test_zero_stages_shard_what_the_paper_says():
     config = tiny_config()
     base = Recipe(batch_size=1, seq_len=16, engine="deepspeed", world_size=4)
     one = predict(config, base.but(world_size=1))
-    stages = {s: predict(config, base.but(zero_stage=s)) for s in range(4)}
+    stages = {s: model_states(config, base.but(zero_stage=s, param_persistence_threshold=0)) for s in range(4)}
     master = trainable_params(config, Recipe()) * 4
-    assert stages[0].optimizer == one.optimizer  # stage 0 replicates (no ZeRO optimizer, no master copy)
-    assert stages[1].optimizer == -(-(optimizer_state_bytes(config, Recipe()) + master) // 4)
-    assert stages[1].gradients == stages[0].gradients and stages[2].gradients < stages[1].gradients
-    assert stages[3].weights < stages[2].weights == stages[0].weights
+    assert stages[0]["optimizer"] == one.optimizer  # stage 0 replicates (no ZeRO optimizer, no master copy)
+    assert stages[1]["optimizer"] == -(-(optimizer_state_bytes(config, Recipe()) + master) // 4)
+    assert stages[1]["gradients"] == stages[0]["gradients"] == master  # fp32 gradients: 4 bytes, like the master
+    assert stages[2]["gradients"] == -(-master // 4)
+    assert stages[3]["weights"] < stages[2]["weights"] == stages[0]["weights"]
     rotary = 2 * (config.head_dim // 2) * 4
-    assert stages[3].weights - rotary == -(-(stages[0].weights - rotary) // 4)  # buffers are not sharded
+    assert stages[3]["weights"] - rotary == -(-(stages[0]["weights"] - rotary) // 4)  # buffers are not sharded
+
+
+def test_each_engine_adds_its_own_buffers():
+    """The buffers each engine keeps beside the model states, term by term (measured in helpers.benchmark)."""
+    config = tiny_config()
+    d = Dims.of(config)
+    one = predict(config, Recipe(batch_size=2, seq_len=16))
+    grads = trainable_params(config, Recipe()) * 4
+    # DDP: buckets as large as every gradient; as views they are the .grads, otherwise a second copy.
+    view = predict(config, Recipe(batch_size=2, seq_len=16, world_size=2, gradient_as_bucket_view=True))
+    copies = predict(config, Recipe(batch_size=2, seq_len=16, world_size=2))
+    # The views are the .grads, all step long; at the end of backward the tied embedding's fresh gradient waits
+    # beside its bucket.
+    assert view.gradients == grads + (d.embedding_params * 4 if view.result == "backward end" else 0)
+    assert view.peak > one.peak
+    assert copies.peak == one.peak + grads  # a second copy of every gradient, all step long
+    # DeepSpeed allocates its reduction bucket whole: the default 5e8 elements is 2 GB of fp32, whatever the model.
+    zero1 = Recipe(batch_size=2, seq_len=16, world_size=2, engine="deepspeed", zero_stage=1)
+    assert predict(config, zero1).peak - predict(config, zero1.but(reduce_bucket_size=1000)).peak == (5e8 - 1000) * 4
+    assert predict(config, zero1.but(overlap_comm=True)).peak - predict(config, zero1).peak == 5e8 * 4
+    # ZeRO-2 keeps whole parameters that overlap its partition: the rank whose half starts inside the embedding.
+    zero2 = zero1.but(zero_stage=2, reduce_bucket_size=0)
+    sizes = trainable_tensor_sizes(config, Recipe())
+    assert sum(sizes) == trainable_params(config, Recipe())
+    assert predict(config, zero2).gradients >= -(-grads // 2)
+    # FSDP2 keeps whole what it gathers; keeping every block from forward to backward costs all of them.
+    fsdp = Recipe(batch_size=2, seq_len=16, world_size=2, zero_stage=3)
+    assert (predict(config, fsdp.but(reshard_after_forward=False)).peak - predict(config, fsdp).peak
+            >= (d.layers - 2) * d.block_params * 4)
+    # ZeRO-3: with a short reuse distance nothing stays gathered between forward and backward.
+    zero3 = Recipe(batch_size=2, seq_len=16, world_size=2, engine="deepspeed", zero_stage=3, reduce_bucket_size=0)
+    assert predict(config, zero3.but(max_reuse_distance=1)).peak < predict(config, zero3).peak
+    with pytest.raises(ValueError, match="reduce_bucket_size"):
+        Recipe(reduce_bucket_size=-1)
+
+
+@pytest.mark.parametrize("ckpt,targets", [(True, "all-linear"), (False, ("q_proj", "v_proj")),
+                                          (True, ("q_proj", "v_proj"))])
+def test_int8_lora_keeps_every_layers_input_even_with_checkpointing(tmp_path, ckpt, targets):
+    """bitsandbytes' int8 matmul stores its input on the autograd context, which checkpointing cannot drop."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from helpers.models import load_model
+
+    tiny_model(num_hidden_layers=4, vocab_size=1000).save_pretrained(tmp_path)
+    base = load_model(str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 1000, (4, 48), generator=torch.Generator().manual_seed(5))
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_checkpointing=ckpt)
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    recipe = Recipe(batch_size=4, seq_len=48, weights="int8", lora_rank=8, lora_targets=targets,
+                    gradient_checkpointing=ckpt)
+    predicted = predict(model.config, recipe)
+    assert (predicted.weights, predicted.optimizer) == (measured.weights, measured.optimizer)
+    assert abs(predicted.peak / measured.peak - 1) < 0.03, compare(predicted, measured)
 
 
 def test_offload_moves_state_off_a_gpu_but_not_off_a_cpu():
@@ -370,8 +435,9 @@ def test_offload_moves_state_off_a_gpu_but_not_off_a_cpu():
     r = Recipe(batch_size=1, seq_len=16, engine="deepspeed", zero_stage=2, world_size=2)
     on_cpu = predict(config, r.but(offload_optimizer=True))
     assert on_cpu.optimizer == predict(config, r).optimizer  # the device is the CPU: nowhere to go
-    gpu = predict(config, r.but(device="cuda", offload_optimizer=True))
-    assert gpu.optimizer == 0 and gpu.gradients == 0
+    gpu = predict(config, r.but(device="cuda", offload_optimizer=True, reduce_bucket_size=1000))
+    # On the GPU: only the reduction bucket and the gradient being made (at most the tied embedding's).
+    assert gpu.optimizer == 0 and gpu.gradients <= 1000 * 4 + Dims.of(config).embedding_params * 4
     assert offloaded_bytes(config, r.but(device="cuda", offload_optimizer=True)) > predict(config, r).optimizer
 
 

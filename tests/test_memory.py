@@ -228,3 +228,24 @@ def test_unmetered_tensors_are_invisible_to_the_meter_and_the_rest_still_counts(
         return kept
     report = measure(block)
     assert report.activations == report.peak == 4000
+
+
+def test_a_storage_resized_in_place_counts_only_while_it_holds_bytes():
+    """FSDP2 frees a gathered parameter by shrinking its storage to zero bytes (``storage.resize_(0)``) and keeps the
+    tensor: the meter must see the free, and the regrowth, as the allocator does."""
+    buffer = torch.empty(1024)  # 4 KiB, made before the block: counted once the block touches it
+
+    def gather_use_free():
+        storage = buffer.untyped_storage()
+        storage.resize_(0)
+        storage.resize_(8 * 4096)  # 32 KiB: the gathered parameter
+        buffer.set_(storage, 0, (8192,))
+        peak_here = torch.ones(1024)  # 4 KiB more while it is alive
+        storage.resize_(0)  # freed; the tensor object survives
+        after = torch.ones(2048)  # 8 KiB: below the peak, with the 32 KiB gone
+        return peak_here, after
+
+    report = measure(gather_use_free)
+    assert report.peak == 32 * 1024 + 4 * 1024
+    assert report.after == 4 * 1024 + 8 * 1024
+    assert torch.UntypedStorage.resize_ is not None and "resize_seen" not in repr(torch.UntypedStorage.resize_)

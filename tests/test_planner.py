@@ -104,7 +104,7 @@ def _cuda(**fields):
 def test_a_plan_is_the_predictors_numbers_for_the_recipe_it_names():
     config = reference_config("llama-3-8b")
     p = plan("llama-3-8b", "T4", batch_size=4, seq_len=1024, lora=True, weights="nf4")
-    expected = _cuda(batch_size=4, seq_len=1024, weights="nf4", double_quant=True, unquantized="fp16",
+    expected = _cuda(batch_size=4, seq_len=1024, weights="nf4", double_quant=True, unquantized="fp32",
                      lora_rank=16, lora_targets="all-linear")
     assert p.recipe == expected and p.report == predict(config, expected)
     assert p.headroom == GPUS["T4"].budget - predict(config, expected).peak
@@ -179,7 +179,9 @@ def test_when_nothing_fits_it_says_so_with_the_smallest_peak():
 
 @pytest.mark.parametrize("call,words", [
     (lambda: plan("llama-9b", "T4"), ["unknown model 'llama-9b'", "smollm2-135m", "qwen2.5-72b"]),
-    (lambda: plan("smollm2-135m", "V100"), ["unknown GPU 'V100'", "T4", "H200", "GPU(name, gb)"]),
+    (lambda: plan("smollm2-135m", "P100"), ["unknown GPU 'P100'", "T4", "H200", "GPU(name, gb)"]),
+    (lambda: plan("smollm2-135m", "T4", gpus=8, sharding="zero4"), ["sharding", "zero3", "fsdp"]),
+    (lambda: plan("smollm2-135m", "T4", gpus=0), ["gpus", "at least 1"]),
     (lambda: plan("smollm2-135m", "T4", batch_size=0), ["batch_size", "at least 1", "0"]),
     (lambda: plan("smollm2-135m", "T4", seq_len=-8), ["seq_len", "-8"]),
     (lambda: plan("smollm2-135m", "T4", batch_size=6, gradient_accumulation_steps=4), ["divide"]),
@@ -245,3 +247,61 @@ def test_the_widget_recomputes_on_every_change():
     assert app.plan.recipe.lora_rank == 16 and app.plan.recipe.weights == "nf4"
     app.controls["model"].value = "llama-3-70b"
     assert not app.cheapest.fits and "Nothing on the cost ladder fits" in app.verdict.value
+    app.controls["unquantized"].value = "bf16"
+    assert app.plan.recipe.unquantized == "bf16"
+    app.controls["gpus"].value = 8
+    assert app.plan.recipe.world_size == 8 and app.plan.recipe.zero_stage == 3 and "over 8 GPUs" in app.verdict.value
+    app.controls["sharding"].value = "fsdp"
+    assert app.plan.recipe.engine == "torch" and app.plan.recipe.zero_stage == 3
+
+
+def test_qlora_rows_plan_what_prepare_model_for_kbit_training_leaves():
+    """The course's QLoRA recipe upcasts what bitsandbytes leaves unquantized to fp32; a 16-bit rest is the other
+    choice. On Llama-3-8B at 8 x 1,024 on a T4 the two differ by its embedding and lm_head in 2 bytes: about 2 GiB."""
+    config = reference_config("llama-3-8b")
+    kw = dict(batch_size=8, seq_len=1024, weights="nf4", lora=True, gradient_checkpointing=True,
+              gradient_accumulation_steps=4)
+    taught, half = plan("llama-3-8b", "T4", **kw), plan("llama-3-8b", "T4", unquantized="fp16", **kw)
+    assert taught.recipe.unquantized == "fp32" and half.recipe.unquantized == "fp16"
+    d = Dims.of(config)
+    assert taught.peak - half.peak == (d.unquantized_params * 2)  # 4 bytes instead of 2
+    assert taught.peak - half.peak == pytest.approx(2 * GiB, rel=0.05)
+    assert "the rest fp32" in str(taught)
+
+
+def test_the_planners_qlora_weights_are_what_the_capstone_recipe_holds():
+    """Measured: the course model in nf4 (double quantization), prepared for k-bit training, LoRA r16 on every linear
+    layer, as lesson 05 and the capstone build it, holds exactly the weights the planner's QLoRA row predicts."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from helpers.memory import tensor_bytes, weight_tensors
+    from helpers.models import load_model
+
+    base = load_model(dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    planned = plan(model.config, "T4", batch_size=8, seq_len=128, weights="nf4", lora=True)
+    assert planned.report.weights == tensor_bytes(list(weight_tensors(model)))
+
+
+def test_new_presets_and_several_gpus():
+    for name, gb, half in (("V100 16GB", 16, "fp16"), ("V100 32GB", 32, "fp16"), ("A10G", 24, "bf16"),
+                           ("L40S", 48, "bf16")):
+        assert GPUS[name].gb == gb and GPUS[name].half == half
+    config = reference_config("llama-3-8b")
+    one = plan("llama-3-8b", "A100 80GB", batch_size=2, seq_len=2048, weights="bf16", gradient_checkpointing=True)
+    peaks = {}
+    for sharding in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
+        p = plan("llama-3-8b", "A100 80GB", batch_size=2, seq_len=2048, weights="bf16", gradient_checkpointing=True,
+                 gpus=8, sharding=sharding)
+        assert p.recipe.world_size == 8 and p.report == predict(config, p.recipe)
+        assert "over 8 GPUs" in str(p)
+        peaks[sharding] = p.peak
+    # Each stage shards more: ZeRO-1 to -3 below DDP, ZeRO-3 and FSDP hold an eighth of the weights.
+    assert peaks["zero3"] < peaks["zero2"] < peaks["zero1"] < peaks["ddp"]
+    assert peaks["fsdp"] < one.peak
+    assert not one.fits and plan("llama-3-8b", "A100 80GB", batch_size=2, seq_len=2048, weights="bf16",
+                                 gradient_checkpointing=True, gpus=8, sharding="zero3").fits

@@ -10,17 +10,15 @@ import time
 import psutil
 import pytest
 
-from helpers.estimate import Recipe, predict
+from helpers.estimate import Recipe, model_states, predict
 from helpers.models import tiny_config
-from helpers.sharding import RUNS, LaunchError, command, diagnose, launch, zero_model_states
+from helpers.sharding import RUNS, LaunchError, command, diagnose, launch, recipe, zero_model_states
 
 TINY = ["--model", "tiny", "--seq-len", "16"]
 
 
 def recipe_for(name: str) -> Recipe:
-    spec = RUNS[name]
-    return Recipe(batch_size=1, seq_len=16, world_size=2, zero_stage=spec.stage, offload_optimizer=spec.offload,
-                  engine="deepspeed" if spec.engine == "zero" else "torch")
+    return recipe(name, micro_batch=1, seq_len=16)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +36,8 @@ def test_each_rank_holds_its_predicted_share(reports, name):
     ranks = reports[name]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert {r["backend"] for r in ranks} == {"gloo"}
-    predicted = predict(tiny_config(), recipe_for(name))
-    whole = predict(tiny_config(), Recipe(batch_size=1, seq_len=16)).gradients
+    predicted = model_states(tiny_config(), recipe_for(name))
+    whole = model_states(tiny_config(), Recipe(batch_size=1, seq_len=16))["gradients"]
     for r in ranks:
         for category, measured in r["model_states"].items():
             if category == "gradients" and name in ("zero1", "zero2"):
@@ -47,7 +45,18 @@ def test_each_rank_holds_its_predicted_share(reports, name):
                 # keeps lies between its partition and every gradient.
                 assert whole / 2 * 0.98 <= measured <= whole * 1.02, (name, r["rank"], measured)
             else:
-                assert measured == pytest.approx(getattr(predicted, category), rel=0.01), (name, r["rank"], category)
+                assert measured == pytest.approx(predicted[category], rel=0.01), (name, r["rank"], category)
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
+def test_the_largest_rank_peak_is_the_predicted_peak(reports, name):
+    """The whole step's peak, with each engine's own buffers (helpers.estimate._shard), on the tiny model. The
+    course model's cases (python -m helpers.benchmark) agree to 0.02 %; on this 0.16 M-parameter model DeepSpeed's
+    7.6 MiB bucket is most of the peak and smaller buffers the predictor does not model (coalesced all-gathers of
+    small parameters, the flat copies around ZeRO-1/2's step) move it by up to 7 %: the issue's 10 % holds."""
+    measured = max(sum(r["peak"].values()) for r in reports[name])
+    predicted = predict(tiny_config(), recipe_for(name)).peak
+    assert predicted == pytest.approx(measured, rel=0.10), (name, predicted, measured)
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
