@@ -38,7 +38,13 @@ BNB_QMAPS = 2 * 256 * 4  # the two 256-entry fp32 code tables, shared by every p
 # keeps a full fp32 second moment; each tensor also keeps an fp32 RMS scalar. torch.optim.Adafactor stores
 # the same bytes (a step tensor instead of the RMS).
 ADAFACTOR = "adafactor"
-OPTIMIZERS = (*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS, ADAFACTOR)  # every name Recipe(optimizer=...) accepts
+# GaLore's AdamW (galore-torch; TrainingArguments(optim="galore_adamw", optim_target_modules=["attn", "mlp"])): each
+# decoder-block matrix keeps its moments in a rank-r projection of its gradient — (out x r) when out >= in, else
+# (r x in) — plus the projection, r x min(out, in). For fp32 weights that projection is a slice of the gradient's
+# SVD factor, and a slice keeps its whole storage alive: min(out, in)^2 values, whatever r. Every other parameter
+# keeps two full moments. Its step counter is a Python int: no bytes.
+GALORE = "galore_adamw"
+OPTIMIZERS = (*OPTIMIZER_STATE_BYTES, *EIGHT_BIT_OPTIMIZERS, ADAFACTOR, GALORE)  # every Recipe(optimizer=...) name
 # The linear layers of a Llama-style block, in the order of ``Dims.linear_shapes``, by their module names.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -145,6 +151,8 @@ class Recipe:
     world_size: int = 1
     engine: str = "torch"  # torch (DDP, FSDP) | deepspeed
     offload_optimizer: bool = False
+    optimizer_in_backward: bool = False  # each parameter stepped inside backward as its gradient arrives (lesson 08)
+    galore_rank: int = 128  # optimizer="galore_adamw": the projection's rank (HF Trainer's default)
     # The engines' own buffers (``_shard``), each setting with its library's default. DDP: its all-reduce buckets
     # hold every gradient whatever ``bucket_cap_mb`` (which only groups them), beside the .grads unless each .grad
     # is a view into its bucket. FSDP2: each block's full parameters are gathered for its forward and backward and
@@ -210,6 +218,10 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
                 raise ValueError(f"Recipe({name}={value!r}): a whole number of elements, as in the DeepSpeed config")
+        if self.optimizer_in_backward and (self.gradient_accumulation_steps > 1 or self.world_size > 1):
+            raise ValueError("Recipe(optimizer_in_backward=True): each gradient is consumed the moment it is ready, "
+                             "so there is nothing to accumulate or all-reduce (gradient_accumulation_steps and "
+                             "world_size must be 1)")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
 
@@ -293,6 +305,17 @@ def optimizer_state_bytes(config, recipe: Recipe = Recipe()) -> int:
     if recipe.optimizer == ADAFACTOR:
         return sum(4 * (shape[0] + shape[1] if len(shape) == 2 else math.prod(shape)) + 4
                    for shape in trainable_tensor_shapes(config, recipe))
+    if recipe.optimizer == GALORE:
+        projected = set(Dims.of(config).linear_shapes())
+        state = 0
+        for shape in trainable_tensor_shapes(config, recipe):
+            if shape in projected and not recipe.lora_rank:
+                r = min(recipe.galore_rank, *shape)
+                projection = min(shape) ** 2 if recipe.weights == "fp32" else r * min(shape)
+                state += 4 * 2 * max(shape) * r + BYTES[recipe.weights] * projection
+            else:
+                state += 8 * math.prod(shape)
+        return state
     sizes = trainable_tensor_sizes(config, recipe)
     if recipe.optimizer in EIGHT_BIT_OPTIMIZERS:
         small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
@@ -493,9 +516,16 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
         tmp = p_train * grad_bytes if recipe.device == "cuda" else 2 * largest
     elif recipe.optimizer == ADAFACTOR:
         tmp = 2 * largest * 4 // grad_bytes
+    elif recipe.optimizer == GALORE:  # HF-style AdamW, one tensor at a time: its denominator and the update
+        tmp = 2 * largest
     else:
         tmp = 0
     phases["optimizer step"] = (p_train * grad_bytes, tmp)
+    if recipe.optimizer_in_backward:
+        block_tensor = (recipe.lora_rank * max(max(shapes[t]) for t in recipe.lora_targets) if lora
+                        else max(o * i for o, i in d.linear_shapes())) * grad_bytes
+        phases = _steps_in_backward(phases, block_tensor, _one_step_tmp(recipe, block_tensor, grad_bytes),
+                                    g_head, _one_step_tmp(recipe, g_head, grad_bytes))
     if recipe.world_size > 1 or recipe.zero_stage or recipe.engine == "deepspeed":
         w, state, phases = _shard(d, recipe, w, state, phases, p_train)
 
@@ -503,6 +533,34 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     report = MemoryReport(weights=w, gradients=grads, optimizer=state, activations=acts, device=recipe.device)
     report.result = name  # which moment of the step is the peak
     return report
+
+
+def _one_step_tmp(recipe: Recipe, tensor_bytes: int, grad_bytes: int) -> int:
+    """The temporaries of one parameter's optimizer step (the per-tensor rules of ``predict``'s step)."""
+    if recipe.optimizer in ("adamw", "adam"):
+        return 2 * tensor_bytes
+    if recipe.optimizer == ADAFACTOR:
+        return 2 * tensor_bytes * 4 // grad_bytes
+    return 0
+
+
+def _steps_in_backward(phases: dict, block_tensor: int, block_tmp: int, g_head: int, head_tmp: int) -> dict:
+    """The phases when each parameter's optimizer steps from its post-accumulate-grad hook and frees its gradient
+    (``Recipe(optimizer_in_backward=True)``, ``helpers.train.OptimizerInBackward``): no moment holds more than one
+    gradient, the one being stepped, with its step's temporaries — in the blocks at most their largest tensor's;
+    at the end the embedding's, summed from its two addends first. There is no optimizer step after backward."""
+    out = {}
+    for k, (_g, a) in phases.items():
+        if k == "optimizer step":
+            continue
+        if k.startswith("block"):
+            out[k] = (block_tensor, a + block_tmp)
+        elif k.startswith("backward end"):
+            out[k] = (g_head, a)  # the embedding's summed gradient beside its two addends
+            out["embedding step"] = (g_head, head_tmp)
+        else:
+            out[k] = (0, a)
+    return out
 
 
 def _shard(d: Dims, recipe: Recipe, w: int, state: int, phases: dict, p_train: int):

@@ -27,6 +27,11 @@ say) are counted from the moment the block first touches them: they are alive, j
 The breakdown is the one at the peak. For a block that loads a model, the peak may come before the
 final weights exist (while full-precision tensors are being quantized); ``report.after`` is what is
 alive when the block ends.
+
+``measure(step, ..., timeline=True)`` also keeps ``report.timeline``: the live bytes of every category after
+each allocation and free, and the phase each one happened in (forward, backward, optimizer step; the
+micro-batch under accumulation), replayed from the same records as the peak, so its highest point is the
+report's breakdown exactly. ``helpers.plots.timeline`` draws it. Off (the default), nothing is recorded.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class MemoryReport:
     cuda_max_allocated: int | None = None
     cuda_reserved: int | None = None
     result: object = field(default=None, repr=False, compare=False)
+    timeline: Timeline | None = field(default=None, repr=False, compare=False)
 
     @property
     def peak(self) -> int:
@@ -100,6 +106,36 @@ class MemoryReport:
                 f"</td></tr></table><small>{self.seconds:.2f} s on {self.device}</small>")
 
 
+@dataclass
+class Timeline:
+    """Live tensor bytes by category after every allocation and free of a measured block (``measure(...,
+    timeline=True)``). ``bytes[c][i]`` is category ``c`` after event ``i``; ``phases`` lists ``(first event, last
+    event, name)`` spans: "forward", "backward", "optimizer step", numbered by micro-batch ("forward 2") when a
+    block runs several forward passes before its optimizer step."""
+
+    bytes: dict[str, list[int]]
+    phases: list[tuple[int, int, str]]
+
+    @property
+    def events(self) -> int:
+        return len(self.bytes[CATEGORIES[0]])
+
+    def total(self, i: int) -> int:
+        return sum(self.bytes[c][i] for c in CATEGORIES)
+
+    @property
+    def peak_event(self) -> int:
+        """The first event at which the total is highest."""
+        totals = [self.total(i) for i in range(self.events)]
+        return max(range(self.events), key=lambda i: (totals[i], -i))
+
+    def at(self, i: int) -> dict[str, int]:
+        return {c: self.bytes[c][i] for c in CATEGORIES}
+
+    def phase_of(self, i: int) -> str:
+        return next((name for first, last, name in self.phases if first <= i <= last), "")
+
+
 def _storage_key(t: torch.Tensor):
     t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2's sharded parameters): this rank's shard
     try:
@@ -126,8 +162,8 @@ def _tensors_in(obj):
             stack.extend(x.values())
         elif isinstance(x, (list, tuple, set)):
             stack.extend(x)
-        elif hasattr(x, "__dict__") and type(x).__module__.startswith("bitsandbytes"):
-            stack.extend(vars(x).values())  # QuantState (absmax, code, nested state2), MatmulLtState
+        elif hasattr(x, "__dict__") and type(x).__module__.startswith(("bitsandbytes", "galore_torch")):
+            stack.extend(vars(x).values())  # QuantState (absmax, code, nested state2), MatmulLtState, GaLoreProjector
 
 
 def tensor_bytes(obj) -> int:
@@ -164,13 +200,28 @@ class _Tracker(TorchDispatchMode):
     as optimizer state is filed there, also for the moments before it was adopted.
     """
 
-    def __init__(self, device_type: str):
+    def __init__(self, device_type: str, timeline: bool = False):
         super().__init__()
         self.device_type = device_type
         self.records: list[list] = []
         self.live: dict[int, int] = {}  # storage key -> record index
         self.refs: dict[int, weakref.ref] = {}
         self.clock = 0
+        self.timeline = timeline
+        self.phase_marks: list[tuple[int, str]] = []  # (clock, phase) at each change, with timeline=True
+        self.in_step = False
+        self.start_clock = 0  # the clock when the measured block began (set by Meter)
+
+    def set_phase(self, phase: str) -> None:
+        """Note that the events from now on belong to ``phase`` (only when recording a timeline)."""
+        if not self.phase_marks or self.phase_marks[-1][1] != phase:
+            self.phase_marks.append((self.clock, phase))
+
+    def _current_phase(self) -> str:
+        if self.in_step:
+            return "optimizer step"
+        # The autograd engine runs a graph task during backward (recomputed checkpoints included).
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
     def add(self, t: torch.Tensor, category: str | None = None) -> None:
         key, st = _storage_key(t)
@@ -239,11 +290,42 @@ class _Tracker(TorchDispatchMode):
                 out[cat] += nbytes
         return out
 
+    def timeline_of(self) -> Timeline:
+        """Replay births and deaths into live bytes by category after each event, with the phases."""
+        start = self.start_clock
+        events = sorted([(born, nbytes, cat) for nbytes, cat, born, _ in self.records if born > start] +
+                        [(died, -nbytes, cat) for nbytes, cat, _, died in self.records
+                         if died is not None and died > start])
+        live = dict.fromkeys(CATEGORIES, 0)
+        for nbytes, cat, born, died in self.records:
+            if born <= start and (died is None or died > start):  # alive when the block began
+                live[cat] += nbytes
+        series: dict[str, list[int]] = {c: [] for c in CATEGORIES}
+        clocks = []
+        for clock, delta, cat in events:
+            live[cat] += delta
+            if clocks and clocks[-1] == clock:  # one event per clock; keep its final state
+                for c in CATEGORIES:
+                    series[c][-1] = live[c]
+                continue
+            clocks.append(clock)
+            for c in CATEGORIES:
+                series[c].append(live[c])
+        if not clocks:  # nothing happened inside the block
+            clocks = [0]
+            for c in CATEGORIES:
+                series[c].append(live[c])
+        phases = _phase_spans(self.phase_marks, clocks)
+        return Timeline(bytes=series, phases=phases)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        phase = self._current_phase() if self.timeline else None
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if phase and tensors:  # an op that makes no tensor (loss.item()) does not start a phase
+            self.set_phase(phase)
+        for t in tensors:
+            self.add(t)
         return out
 
 
@@ -256,6 +338,31 @@ def _resize_seen(storage, size):
     for tracker in _ACTIVE:
         tracker.resized(storage)
     return out
+
+
+def _phase_spans(marks: list[tuple[int, str]], clocks: list[int]) -> list[tuple[int, int, str]]:
+    """(first event, last event, phase) spans for a timeline whose events happened at ``clocks``. A mark set at
+    clock k names the events after it. With several forward passes before the step (gradient accumulation),
+    forward and backward are numbered by micro-batch."""
+    names, j, current = [], 0, marks[0][1] if marks else ""
+    for clock in clocks:
+        while j < len(marks) and marks[j][0] < clock:
+            current = marks[j][1]
+            j += 1
+        names.append(current)
+    spans: list[list] = []
+    for i, name in enumerate(names):
+        if spans and spans[-1][2] == name:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i, name])
+    if sum(1 for span in spans if span[2] == "forward") > 1:
+        micro = 0
+        for span in spans:
+            micro += span[2] == "forward"
+            if span[2] in ("forward", "backward"):
+                span[2] = f"{span[2]} {max(micro, 1)}"
+    return [tuple(span) for span in spans]
 
 
 def _device_of(model, optimizer) -> torch.device:
@@ -272,8 +379,8 @@ def _device_of(model, optimizer) -> torch.device:
 class Meter:
     """The context-manager form: ``with Meter(model, optimizer) as m: ...``; then ``m.report``."""
 
-    def __init__(self, model=None, optimizer=None, device=None):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model=None, optimizer=None, device=None, timeline: bool = False):
+        self.model, self.optimizer, self.timeline = model, optimizer, timeline
         self.device = torch.device(device) if device is not None else _device_of(model, optimizer)
         self.report: MemoryReport | None = None
 
@@ -285,9 +392,10 @@ class Meter:
             tracker.mark(_tensors_in(list(self.optimizer.state.values())), "optimizer")
 
     def __enter__(self):
-        self.tracker = _Tracker(self.device.type)
+        self.tracker = _Tracker(self.device.type, timeline=self.timeline)
         self._classify(self.tracker)
         self.before = self.tracker.current()
+        self.tracker.start_clock = self.tracker.clock
         self._handles = []
         if self.model is not None:
             for p in self.model.parameters():
@@ -312,9 +420,13 @@ class Meter:
         self.tracker.mark(_tensors_in(tensors), category)
 
     def _on_grad(self, p):
-        self.tracker.add(p.grad, "gradients")
+        if p.grad is not None:  # an optimizer stepped inside backward may have consumed it already
+            self.tracker.add(p.grad, "gradients")
 
     def _on_step_begin(self, optimizer, *_):
+        self.tracker.in_step = True
+        if self.timeline:
+            self.tracker.set_phase("optimizer step")
         # What the optimizer consumes is a gradient, whoever made it: DDP's bucket views, FSDP's sharded .grad,
         # DeepSpeed's flat gradient partition.
         self.tracker.mark((p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None),
@@ -322,6 +434,7 @@ class Meter:
 
     def _on_step(self, optimizer, *_):
         self.tracker.mark(_tensors_in(list(optimizer.state.values())), "optimizer")
+        self.tracker.in_step = False
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -345,11 +458,28 @@ class Meter:
         t = self.tracker
         self.report = MemoryReport(**t.peak_breakdown(), seconds=self.seconds,
                                    device=str(self.device), before=self.before, after=t.current(),
-                                   result=result)
+                                   result=result, timeline=t.timeline_of() if self.timeline else None)
         if self.device.type == "cuda":
             self.report.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device)
             self.report.cuda_reserved = torch.cuda.memory_reserved(self.device)
         return self.report
+
+
+@contextmanager
+def cuda_memory_snapshot(path="memory_snapshot.pickle", max_entries: int = 100_000):
+    """PyTorch's own record of the CUDA caching allocator while the block runs, saved to ``path``: every
+    allocation and free with its Python stack (``torch.cuda.memory._record_memory_history``, ``_dump_snapshot``).
+    Drag the file onto https://pytorch.org/memory_viz to browse it. CUDA only: on the CPU use ``measure(...,
+    timeline=True)``, which this course draws with ``helpers.plots.timeline``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_memory_snapshot records the CUDA allocator and there is no CUDA device here: "
+                           "use measure(..., timeline=True) and helpers.plots.timeline on the CPU")
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    try:
+        yield path
+    finally:
+        torch.cuda.memory._dump_snapshot(str(path))
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 @contextmanager
@@ -360,15 +490,17 @@ def unmetered():
         yield
 
 
-def measure(fn, model=None, optimizer=None, device=None) -> MemoryReport:
+def measure(fn, model=None, optimizer=None, device=None, timeline: bool = False) -> MemoryReport:
     """Run ``fn()`` once and return its peak memory by category and its wall time.
 
     Pass the ``model`` and ``optimizer`` the block uses so their tensors are filed as weights,
     gradients and optimizer state. If ``fn`` returns a model (``measure(lambda: load_model())``), its
     tensors are filed as weights. The return value of ``fn`` is kept in ``report.result``.
+    With ``timeline=True``, ``report.timeline`` holds the bytes by category after every allocation and free
+    (``Timeline``; ``helpers.plots.timeline`` draws it).
     Wall time includes the meter's own bookkeeping; use ``time_it`` for timings you compare.
     """
-    meter = Meter(model, optimizer, device)
+    meter = Meter(model, optimizer, device, timeline=timeline)
     with meter:
         result = fn()
     return meter.finish(result)

@@ -1,4 +1,4 @@
-"""Plots the lessons share: stacked bars of memory by category."""
+"""Plots the lessons share: stacked bars of memory by category, and a step's memory over time."""
 
 from __future__ import annotations
 
@@ -26,5 +26,51 @@ def stacked_bars(reports: dict, title: str = "", ax=None, unit: int = MiB, unit_
     ax.set_ylim(0, max(bottoms) * 1.12 if bottoms else 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.tick_params(axis="x", labelsize=9)
+    ax.figure.tight_layout()
+    return ax
+
+
+PHASE_SHADES = ("#f2f2f2", "#ffffff")  # alternate phases on a light background, so the categories keep their colours
+
+
+def timeline(report, title: str = "", ax=None, unit: int = MiB, unit_name: str = "MiB"):
+    """Live bytes by category over one measured block (``measure(..., timeline=True)``), stacked, with the phases
+    shaded and named along the top and the peak marked. ``report`` is a ``MemoryReport`` or its ``Timeline``.
+    The x axis counts allocations and frees, not seconds: each step of it is one tensor made or freed."""
+    import matplotlib.pyplot as plt
+
+    tl = getattr(report, "timeline", report)
+    if tl is None:
+        raise ValueError("this report has no timeline: measure it with measure(..., timeline=True)")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 3.6))
+    x = range(tl.events)
+    ax.stackplot(x, *[[b / unit for b in tl.bytes[c]] for c in CATEGORIES],
+                 colors=[COLOURS[c] for c in CATEGORIES], labels=[LABELS[c] for c in CATEGORIES], linewidth=0)
+    top = max(tl.total(i) for i in x) / unit
+    # Room above the highest point for the phase names; axes that share y with other timelines keep the tallest.
+    low, high = ax.get_ylim()
+    ax.set_ylim(0, max(top * 1.22, high if ax.has_data() and high > 1 else 0))
+    names_at = ax.get_xaxis_transform()  # x in events, y as a fraction of the axes' height
+    named = 0
+    for k, (first, last, name) in enumerate(tl.phases):
+        ax.axvspan(first - 0.5, last + 0.5, color=PHASE_SHADES[k % 2], zorder=0)
+        if last - first >= 0.06 * tl.events:  # name the spans wide enough to hold a label
+            at_end = last >= tl.events - 1
+            row = 0.97 - 0.07 * (named % 2) if len(tl.phases) > 4 else 0.97  # many phases: two rows, no overlap
+            ax.text(last if at_end else (first + last) / 2, row, name, ha="right" if at_end else "center",
+                    va="top", fontsize=8, transform=names_at)
+            named += 1
+    peak = tl.peak_event
+    ax.axvline(peak, color="black", linestyle="--", linewidth=1)
+    right_half = peak > tl.events / 2  # write the label on the side with room
+    ax.annotate(f"peak {tl.total(peak) / unit:,.1f} {unit_name}\n({tl.phase_of(peak)})", (peak, tl.total(peak) / unit),
+                xytext=(-6 if right_half else 6, -4), textcoords="offset points", fontsize=8, va="top",
+                ha="right" if right_half else "left")
+    ax.set_xlim(0, max(tl.events - 1, 1))
+    ax.set_xlabel("allocations and frees, in order")
+    ax.set_ylabel(unit_name)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
     ax.figure.tight_layout()
     return ax

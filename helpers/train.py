@@ -23,7 +23,12 @@ def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool 
     With ``accumulation_steps=k`` the batch is split into k equal micro-batches along its first dimension;
     each micro-batch's loss is divided by k and back-propagated, the gradients add up in ``.grad``, and
     the optimizer steps once (equal micro-batches of unpadded tokens: lesson 07 shows when that is not enough).
+    An ``OptimizerInBackward`` steps each parameter inside backward already: the step is forward and backward.
     """
+    in_backward = isinstance(optimizer, OptimizerInBackward)
+    if in_backward and accumulation_steps > 1:
+        raise ValueError("an optimizer stepped inside backward cannot accumulate gradients: each gradient is "
+                         "consumed and freed as soon as it is ready (accumulation_steps must be 1)")
     ensure_trainable(model)  # a 4-bit layer packed for CPU inference has no backward (helpers.cpu_packing)
     set_checkpointing(model, gradient_checkpointing)
     model.train()
@@ -39,11 +44,61 @@ def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool 
             loss = model(**part, use_cache=False).loss / accumulation_steps
             loss.backward()
             total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return total
 
     return step
+
+
+class OptimizerInBackward:
+    """One optimizer per trainable parameter, each stepped from a post-accumulate-grad hook the moment that
+    parameter's gradient is ready, which it then frees: PyTorch's "optimizer step in backward" recipe. No
+    gradient outlives its own update, so a full fine-tune never holds every gradient at once.
+
+        optimizer = OptimizerInBackward(model, torch.optim.AdamW, lr=1e-5)
+        step = make_train_step(model, optimizer, batch)      # forward and backward; the updates happen inside
+
+    What it gives up: anything that needs every gradient at once before the update (clipping the global norm,
+    gradient accumulation, a loss-scale check for inf) cannot be done. ``state``, ``param_groups`` and the
+    step hooks cover every parameter's optimizer, so ``helpers.memory.measure`` sees it like one optimizer.
+    """
+
+    def __init__(self, model, optimizer_class=torch.optim.AdamW, **options):
+        self.optimizers = {p: optimizer_class([p], **options) for p in model.parameters() if p.requires_grad}
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.optimizers]
+
+    def _step(self, p) -> None:
+        self.optimizers[p].step()
+        self.optimizers[p].zero_grad(set_to_none=True)
+
+    @property
+    def state(self) -> dict:
+        return {p: st for opt in self.optimizers.values() for p, st in opt.state.items()}
+
+    @property
+    def param_groups(self) -> list:
+        return [group for opt in self.optimizers.values() for group in opt.param_groups]
+
+    def register_step_pre_hook(self, hook):
+        return _Handles([opt.register_step_pre_hook(hook) for opt in self.optimizers.values()])
+
+    def register_step_post_hook(self, hook):
+        return _Handles([opt.register_step_post_hook(hook) for opt in self.optimizers.values()])
+
+    def remove(self) -> None:
+        """Take the hooks off the model: its parameters go back to plain gradients."""
+        _Handles(self._handles).remove()
+
+
+class _Handles:
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def make_forward(model, batch: dict):
@@ -94,3 +149,26 @@ def measure_step(model, batch: dict, optimizer_class=torch.optim.AdamW, gradient
     step = make_train_step(model, optimizer, batch, gradient_checkpointing=gradient_checkpointing)
     step()
     return measure(step, model=model, optimizer=optimizer)
+
+
+def snapshot_step_on_gpu(model, batch: dict, path: str, optimizer_class=torch.optim.AdamW, **step_options) -> str:
+    """PyTorch's own record of one training step of ``model`` on the GPU (``helpers.memory.cuda_memory_snapshot``):
+    the model moves to the GPU, takes a warm-up step and a recorded one (an optimizer of ``optimizer_class`` over its
+    trainable parameters, lr=0; ``step_options`` as for ``make_train_step``), and moves back to the CPU. Returns
+    ``path``, for https://pytorch.org/memory_viz. Raises ``RuntimeError`` without a CUDA device."""
+    from .memory import cuda_memory_snapshot
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("snapshot_step_on_gpu needs a CUDA device; on the CPU, measure(..., timeline=True)")
+    device = next(model.parameters()).device
+    model.to("cuda")
+    try:
+        optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        step = make_train_step(model, optimizer, batch, **step_options)
+        step()
+        with cuda_memory_snapshot(path):
+            step()
+    finally:
+        model.to(device)
+        torch.cuda.empty_cache()
+    return path

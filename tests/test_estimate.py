@@ -447,3 +447,64 @@ def test_offload_moves_state_off_a_gpu_but_not_off_a_cpu():
 def test_sharding_recipes_that_make_no_sense_are_refused(bad):
     with pytest.raises(ValueError, match="Recipe"):
         Recipe(**bad)
+
+
+@pytest.mark.parametrize("b,t,optimizer,vocab,lora", [(1, 8, "adamw", 4096, False), (1, 8, "sgd", 4096, False),
+                                                      (4, 64, "adamw", 512, False), (1, 8, "adamw", 512, False),
+                                                      (2, 32, "adamw", 512, True)])
+def test_optimizer_in_backward_within_1_percent_and_updates_like_the_plain_step(b, t, optimizer, vocab, lora):
+    """Each parameter stepped from its post-accumulate-grad hook: at most one gradient alive, the same update."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.train import OptimizerInBackward
+
+    def build():
+        model = tiny_model(num_hidden_layers=4, vocab_size=vocab)
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        return model
+
+    make = {"adamw": torch.optim.AdamW, "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)}
+    ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "labels": ids}
+    fused_model, plain_model = build(), build()
+    fused = OptimizerInBackward(fused_model, make[optimizer], lr=1e-3)
+    plain = make[optimizer]([p for p in plain_model.parameters() if p.requires_grad], lr=1e-3)
+    step, plain_step = make_train_step(fused_model, fused, batch), make_train_step(plain_model, plain, batch)
+    step(), plain_step()
+    measured = measure(step, model=fused_model, optimizer=fused)
+    plain_step()
+    for p, q in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)  # the same two updates
+    extra = {"lora_rank": 8, "lora_targets": "all-linear"} if lora else {}
+    recipe = Recipe(batch_size=b, seq_len=t, optimizer=optimizer, optimizer_in_backward=True, **extra)
+    predicted = predict(fused_model.config, recipe)
+    assert abs(predicted.peak / measured.peak - 1) < 0.01, compare(predicted, measured)
+    assert measured.gradients <= max(p.numel() for p in fused_model.parameters()) * 4  # one gradient at most
+    with pytest.raises(ValueError, match="accumulate"):
+        make_train_step(fused_model, fused, batch, accumulation_steps=2)
+    with pytest.raises(ValueError, match="optimizer_in_backward"):
+        Recipe(optimizer_in_backward=True, gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("rank", [4, 16, 100])
+def test_galore_state_exact_and_peak_within_1_percent(rank):
+    """GaLore's AdamW (galore-torch), as Trainer's optim="galore_adamw" groups it: the block matrices projected at
+    ``rank``, the rest full AdamW. Its projection is a slice that keeps the whole SVD factor alive."""
+    from galore_torch import GaLoreAdamW
+
+    model = tiny_model(num_hidden_layers=2)
+    projected = [p for n, p in model.named_parameters() if p.dim() == 2 and ("mlp" in n or "self_attn" in n)]
+    rest = [p for p in model.parameters() if all(p is not q for q in projected)]
+    opt = GaLoreAdamW([{"params": rest}, {"params": projected, "rank": rank, "update_proj_gap": 200, "scale": 0.25,
+                                          "proj_type": "std"}], lr=1e-3)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(7))
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids})
+    step()
+    measured = measure(step, model=model, optimizer=opt)
+    predicted = predict(model.config, Recipe(batch_size=2, seq_len=32, optimizer="galore_adamw", galore_rank=rank))
+    assert measured.optimizer == predicted.optimizer
+    assert abs(predicted.peak / measured.peak - 1) < 0.01, compare(predicted, measured)
+    # Below the matrices' width it saves; at or above it, the projections only add to full-size moments.
+    galore_state = optimizer_state_bytes(model.config, Recipe(optimizer="galore_adamw", galore_rank=rank))
+    assert (galore_state < optimizer_state_bytes(model.config, Recipe())) == (rank < 32)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers.memory import Meter, measure, unmetered, weight_tensors
+from helpers.memory import Meter, MiB, measure, unmetered, weight_tensors
 from helpers.models import tiny_model
 from helpers.train import make_train_step
 
@@ -249,3 +249,59 @@ def test_a_storage_resized_in_place_counts_only_while_it_holds_bytes():
     assert report.peak == 32 * 1024 + 4 * 1024
     assert report.after == 4 * 1024 + 8 * 1024
     assert torch.UntypedStorage.resize_ is not None and "resize_seen" not in repr(torch.UntypedStorage.resize_)
+
+
+@pytest.mark.parametrize("k,ckpt", [(1, False), (3, False), (1, True)])
+def test_the_timeline_is_exact_and_names_the_phases(k, ckpt):
+    """The timeline replays the same records as the peak: its highest point is the report's breakdown, byte for
+    byte; the phases come in the order a step runs them, one forward and backward per micro-batch."""
+    model = tiny_model(num_hidden_layers=3)
+    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, accumulation_steps=k,
+                           gradient_checkpointing=ckpt)
+    step()
+    report = measure(step, model=model, optimizer=opt, timeline=True)
+    tl = report.timeline
+    assert tl.at(tl.peak_event) == report.as_dict() and tl.total(tl.peak_event) == report.peak
+    assert all(tl.total(i) <= report.peak for i in range(tl.events))
+    names = [name for _, _, name in tl.phases]
+    if k == 1:
+        assert names == ["forward", "backward", "optimizer step"]
+    else:
+        assert names == [f"{p} {i}" for i in range(1, k + 1) for p in ("forward", "backward")] + ["optimizer step"]
+    grads = tl.bytes["gradients"]
+    trainable = sum(p.numel() for p in model.parameters()) * 4
+    assert grads[0] == 0 and max(grads) == trainable and grads[-1] == 0  # zero_grad(set_to_none=True) at the end
+    assert min(tl.bytes["optimizer"]) == max(tl.bytes["optimizer"])  # AdamW's state, allocated in the warm-up
+    assert measure(step, model=model, optimizer=opt).timeline is None  # off by default
+
+
+def test_cuda_snapshot_says_what_to_use_on_a_cpu():
+    from helpers.memory import cuda_memory_snapshot
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="timeline=True"):
+        with cuda_memory_snapshot("never.pickle"):
+            pass
+
+
+def test_the_timeline_plot_marks_the_peak(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers.plots import timeline
+
+    model = tiny_model(num_hidden_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids})
+    report = measure(step, model=model, optimizer=opt, timeline=True)
+    ax = timeline(report, title="tiny")
+    label = f"peak {report.peak / MiB:,.1f} MiB"
+    assert any(t.get_text().startswith(label) for t in ax.texts)
+    assert {t.get_text() for t in ax.texts} >= {"forward", "backward"}
+    ax.figure.savefig(tmp_path / "t.png")
+    with pytest.raises(ValueError, match="timeline=True"):
+        timeline(measure(step, model=model, optimizer=opt))
