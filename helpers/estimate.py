@@ -509,17 +509,10 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     else:
         largest = max(d.embedding_params if embeddings_train else 0, max(o * i for o, i in d.linear_shapes()), d.hidden)
     largest *= grad_bytes
-    # Measured per tensor on the CPU (tests/test_estimate.py): AdamW 2 x the tensor (above); transformers'
-    # Adafactor 2 x in fp32 (the squared gradient and its factored approximation); 8-bit AdamW and SGD update
-    # in place.
-    if recipe.optimizer in ("adamw", "adam"):
-        tmp = p_train * grad_bytes if recipe.device == "cuda" else 2 * largest
-    elif recipe.optimizer == ADAFACTOR:
-        tmp = 2 * largest * 4 // grad_bytes
-    elif recipe.optimizer == GALORE:  # HF-style AdamW, one tensor at a time: its denominator and the update
-        tmp = 2 * largest
+    if recipe.optimizer in ("adamw", "adam") and recipe.device == "cuda":
+        tmp = p_train * grad_bytes
     else:
-        tmp = 0
+        tmp = _one_step_tmp(recipe, largest, grad_bytes)
     phases["optimizer step"] = (p_train * grad_bytes, tmp)
     if recipe.optimizer_in_backward:
         block_tensor = (recipe.lora_rank * max(max(shapes[t]) for t in recipe.lora_targets) if lora
@@ -536,8 +529,11 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
 
 
 def _one_step_tmp(recipe: Recipe, tensor_bytes: int, grad_bytes: int) -> int:
-    """The temporaries of one parameter's optimizer step (the per-tensor rules of ``predict``'s step)."""
-    if recipe.optimizer in ("adamw", "adam"):
+    """The temporaries of one parameter's optimizer step, measured per tensor on the CPU (tests/test_estimate.py):
+    AdamW 2 x the tensor (sqrt(v) and the bias-corrected denominator); GaLore's HF-style AdamW 2 x (its denominator
+    and the update); transformers' Adafactor 2 x in fp32 (the squared gradient and its factored approximation);
+    8-bit AdamW and SGD update in place."""
+    if recipe.optimizer in ("adamw", "adam", GALORE):
         return 2 * tensor_bytes
     if recipe.optimizer == ADAFACTOR:
         return 2 * tensor_bytes * 4 // grad_bytes
