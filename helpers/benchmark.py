@@ -43,6 +43,9 @@ CASES: dict[str, Recipe] = {
     "nf4_lora": Recipe(batch_size=3, seq_len=77, weights="nf4", double_quant=True, optimizer="adamw8bit", **LORA),
     "nf4_lora_ckpt": Recipe(batch_size=5, seq_len=61, weights="nf4", double_quant=True, gradient_checkpointing=True,
                             **LORA),
+    "lora_qv_ckpt_chunked_loss": Recipe(batch_size=3, seq_len=77, lora_rank=8, lora_targets=("q_proj", "v_proj"),
+                                        gradient_checkpointing=True, loss_chunk=20),
+    "full_chunked_loss": Recipe(batch_size=3, seq_len=77, optimizer="sgd", loss_chunk=20),
 }
 # Lesson 09's engines, per rank, on its mid-size model (4 blocks), as its worker runs them
 # (``helpers.sharding.recipe``), at two sizes: 3 rows x 45 tokens per rank, where the step peaks at the end of
@@ -107,7 +110,7 @@ def measure_one_process(recipe: Recipe, corpus) -> int:
     k = recipe.gradient_accumulation_steps
     batch = corpus.train_batch(recipe.batch_size * k, recipe.seq_len)
     step = make_train_step(model, optimizer, batch, gradient_checkpointing=recipe.gradient_checkpointing,
-                           accumulation_steps=k)
+                           accumulation_steps=k, loss_chunk=recipe.loss_chunk or None)
     step()  # steady state: the optimizer state exists
     return measure(step, model=model, optimizer=optimizer).peak
 

@@ -1,4 +1,4 @@
-"""Lesson 10's capstone: fit a real fine-tune of the course model into a memory budget, and prove it.
+"""Lesson 12's capstone: fit a real fine-tune of the course model into a memory budget, and prove it.
 
     def my_recipe():                       # builds everything from scratch, trains nothing yet
         model = ...                        # the course model, loaded however you like
@@ -33,7 +33,8 @@ In every step the referee also checks that
 
 The first step that breaks a rule ends the run; the ``Attempt``'s ``problems`` say why. Held-out perplexity
 is measured again after the last step. ``judge`` turns what was measured into the verdict: the peak must be
-within ``budget`` (two tiers: ``WORKLOAD``, 500 MiB, and ``TIGHT_WORKLOAD``, 220 MiB, the same job) and the
+within ``budget`` (three tiers of the same job: ``WORKLOAD``, 500 MiB, ``TIGHT_WORKLOAD``, 220 MiB, and
+``SMALLEST_WORKLOAD``, 170 MiB) and the
 held-out perplexity after the job at most ``quality`` (1.05) times what naive full fine-tuning reaches after the
 same steps on the same batches. That reference is measured once by the same referee (``compute_reference``,
 fixed batches and seed) and shipped in ``capstone_reference.json``; ``python -m helpers.capstone --reference``
@@ -77,7 +78,9 @@ ADVICE = {
     "optimizer": "train fewer parameters (LoRA, lesson 04) or keep 8-bit optimizer state "
                  "(bnb.optim.AdamW8bit, lesson 08)",
     "activations": "turn on gradient checkpointing (lesson 03) and split the batch into micro-batches with "
-                   "gradient accumulation (lesson 07): the optimizer step still sees all 8 x 128 tokens",
+                   "gradient accumulation (lesson 07): the optimizer step still sees all 8 x 128 tokens; what is "
+                   "left at the start of backward is mostly the loss's logits: compute the loss in chunks "
+                   "(helpers.loss, lesson 10)",
 }
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")  # whose modules a model may hold
 FAINT = 1e-3  # a row whose gradient is below this share of the step's largest row's did not contribute
@@ -118,6 +121,9 @@ class Workload:
 
 WORKLOAD = Workload()  # the capstone's first tier
 TIGHT_WORKLOAD = replace(WORKLOAD, budget=220 * MiB)  # the second: the same job in 220 MiB
+SMALLEST_WORKLOAD = replace(WORKLOAD, budget=170 * MiB)  # the third: in 170 MiB (the loss, lesson 10, included)
+TIERS = {"fit_the_budget": WORKLOAD, "fit_the_tight_budget": TIGHT_WORKLOAD,
+         "fit_the_smallest_budget": SMALLEST_WORKLOAD}  # lesson 12's exercises, by name
 
 # The reference the quality bar is relative to: naive full fine-tuning (fp32 weights, every parameter, torch's
 # AdamW at FULL_FINETUNE_LR, the whole batch in one pass) run by the referee on the same job, once, with the

@@ -153,6 +153,9 @@ class Recipe:
     offload_optimizer: bool = False
     optimizer_in_backward: bool = False  # each parameter stepped inside backward as its gradient arrives (lesson 08)
     galore_rank: int = 128  # optimizer="galore_adamw": the projection's rank (HF Trainer's default)
+    # > 0: the loss computed ``loss_chunk`` positions of every row at a time, each chunk's logits recomputed in
+    # backward (``helpers.loss.chunked_causal_lm_loss``, lesson 10); 0: transformers' loss over the whole batch.
+    loss_chunk: int = 0
     # The engines' own buffers (``_shard``), each setting with its library's default. DDP: its all-reduce buckets
     # hold every gradient whatever ``bucket_cap_mb`` (which only groups them), beside the .grads unless each .grad
     # is a view into its bucket. FSDP2: each block's full parameters are gathered for its forward and backward and
@@ -218,6 +221,9 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
                 raise ValueError(f"Recipe({name}={value!r}): a whole number of elements, as in the DeepSpeed config")
+        if int(self.loss_chunk) != self.loss_chunk or self.loss_chunk < 0:
+            raise ValueError(f"Recipe(loss_chunk={self.loss_chunk!r}): a whole number of positions, 0 for the plain "
+                             "loss")
         if self.optimizer_in_backward and (self.gradient_accumulation_steps > 1 or self.world_size > 1):
             raise ValueError("Recipe(optimizer_in_backward=True): each gradient is consumed the moment it is ready, "
                              "so there is nothing to accumulate or all-reduce (gradient_accumulation_steps and "
@@ -403,6 +409,24 @@ def int8_kept_bytes(config, tokens: int, act_bytes: int = 4) -> int:
     return tokens * (2 * d.hidden + d.q_dim + d.intermediate) * act_bytes
 
 
+def loss_bytes(config, batch_size: int, seq_len: int, chunk: int = 0, act_bytes: int = 4,
+               head_trains: bool = False) -> int:
+    """What the causal-LM loss holds at the start of backward, beyond the model's saved activations. The plain
+    loss (transformers'): the logits upcast to fp32, their log-softmax (saved for backward), its gradient and the
+    logits' gradient are alive together: 3 x rows x positions x vocab x 4 bytes (the logits themselves are freed
+    once the loss is computed, unless the caller keeps the model's output). Chunked (``chunk`` positions of every
+    row at a time, ``helpers.loss``): the same three for one chunk, which backward recomputes, beside the
+    gradient of the hidden states collected from the chunks done so far (the other positions') and the hidden
+    states themselves, which the chunks' checkpoints keep as their inputs (a frozen output layer would not have
+    kept them; a trained one keeps them anyway, ``head_trains``)."""
+    d = Dims.of(config)
+    if not chunk or chunk >= seq_len:
+        return 3 * batch_size * seq_len * d.vocab * 4
+    hidden = batch_size * seq_len * d.hidden * act_bytes
+    others = batch_size * (seq_len - chunk) * d.hidden * act_bytes
+    return 3 * batch_size * chunk * d.vocab * 4 + others + (0 if head_trains else hidden)
+
+
 def _lora_block0_unsaved(d: Dims, tokens: int, recipe: Recipe, a: int) -> int:
     """What block 0 of a LoRA model does not save: the embeddings' output does not require grad, so
     nothing before block 0's first adapter is part of the graph. Its first norm saves nothing, its
@@ -426,7 +450,6 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     n = recipe.batch_size * recipe.seq_len
     w = weight_bytes(d, recipe) + (lora_bytes(d, recipe) if recipe.lora_rank else 0)
     a = 4 if recipe.weights in QUANTIZED else BYTES[recipe.weights]
-    logits = n * d.vocab * 4  # the loss upcasts logits to fp32
 
     if not recipe.training:
         # Inference: only the current block's temporaries, then the logits.
@@ -470,10 +493,17 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     g_head = d.embedding_params * grad_bytes if embeddings_train else 0  # tied lm_head / embedding
 
     phases = {}
-    # 1. Start of backward: saved activations + log-softmax output, its gradient and the logits'.
-    phases["backward start"] = (0, sum(saved) + head_act + head_copy + 3 * logits)
+    # 1. Start of backward: saved activations + log-softmax output, its gradient and the logits' (``loss_bytes``).
+    #    A chunked loss with a trained output layer also sums that layer's gradient over the chunks: the running
+    #    sum and the chunk's new one.
+    loss = loss_bytes(d, recipe.batch_size, recipe.seq_len, recipe.loss_chunk, a, head_trains=embeddings_train)
+    if embeddings_train and 0 < recipe.loss_chunk < recipe.seq_len:
+        loss += 2 * g_head
+    phases["backward start"] = (0, sum(saved) + head_act + head_copy + loss)
     if amp and ckpt:  # autocast's cache keeps every weight copy until the forward leaves the autocast region
-        phases["forward end"] = (0, sum(saved) + head_act + head_copy + d.layers * copy + 2 * logits)
+        chunk = min(recipe.loss_chunk or recipe.seq_len, recipe.seq_len)
+        in_forward = 2 * recipe.batch_size * chunk * d.vocab * 4  # (a chunk's) logits and their log-softmax
+        phases["forward end"] = (0, sum(saved) + head_act + head_copy + d.layers * copy + in_forward)
     # 2. Through the blocks, top to bottom: block j's activations (recomputed if checkpointed) are
     #    alive with those below it; gradients of the trainable blocks above have accumulated. The
     #    lm_head's gradient waits for the embedding's when they are tied.

@@ -61,7 +61,7 @@ GiB = 2**30
 USABLE = 0.90  # the share of a card's label the planner budgets (see the module docstring)
 LORA_RANK = 16  # lora=True: rank 16 on every linear layer, the QLoRA paper's targets
 TECHNIQUES = ("weights", "unquantized", "autocast", "lora", "gradient_checkpointing", "optimizer",
-              "gradient_accumulation_steps", "training", "gpus", "sharding")  # the toggles plan() takes
+              "gradient_accumulation_steps", "loss_chunk", "training", "gpus", "sharding")  # the toggles plan() takes
 SHARDING = {"ddp": ("torch", 0), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3),
             "fsdp": ("torch", 3)}  # sharding= -> (Recipe.engine, Recipe.zero_stage)
 
@@ -221,6 +221,8 @@ def describe(recipe: Recipe) -> str:
                   "adafactor": "Adafactor"}.get(recipe.optimizer, recipe.optimizer))
     if recipe.gradient_accumulation_steps > 1:
         words.append(f"micro-batch {recipe.batch_size} x {recipe.gradient_accumulation_steps} accumulation steps")
+    if 0 < recipe.loss_chunk < recipe.seq_len:
+        words.append(f"the loss in chunks of {recipe.loss_chunk:,} positions")
     if recipe.world_size > 1:
         engine = next(k for k, v in SHARDING.items() if v == (recipe.engine, recipe.zero_stage))
         words.append(f"{engine.upper() if engine in ('ddp', 'fsdp') else 'ZeRO-' + engine[-1]} over "
@@ -264,7 +266,7 @@ def _whole(name: str, value) -> int:
 
 def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="fp32", unquantized="fp32",
             autocast=None, lora=False, gradient_checkpointing=False, optimizer="adamw", gradient_accumulation_steps=1,
-            gpus=1, sharding="zero3", config=None) -> Recipe:
+            loss_chunk=0, gpus=1, sharding="zero3", config=None) -> Recipe:
     steps = _whole("gradient_accumulation_steps", gradient_accumulation_steps)
     if batch_size % steps:
         raise ValueError(f"batch_size {batch_size} does not split into {steps} equal micro-batches: "
@@ -287,8 +289,8 @@ def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="
                   double_quant=weights in ("nf4", "fp4"), unquantized=unquantized,
                   optimizer=optimizer if training else "none", autocast=autocast or None, lora_rank=rank,
                   lora_targets="all-linear", gradient_checkpointing=gradient_checkpointing and training,
-                  gradient_accumulation_steps=steps, device="cuda", world_size=gpus, engine=engine, zero_stage=stage,
-                  **shard)
+                  gradient_accumulation_steps=steps, loss_chunk=int(loss_chunk or 0) if training else 0, device="cuda",
+                  world_size=gpus, engine=engine, zero_stage=stage, **shard)
 
 
 def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> Plan:
@@ -302,7 +304,8 @@ def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> P
     (None, "bf16", "fp16", or True for the GPU's 16-bit type), ``lora`` (False, True for rank 16 on every linear
     layer, or a rank), ``gradient_checkpointing``,
     ``optimizer`` ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "sgd"), ``gradient_accumulation_steps``,
-    ``training`` (False: one forward pass, no KV cache), and ``gpus`` with ``sharding`` ("ddp", "zero1", "zero2",
+    ``loss_chunk`` (positions of every row per chunk of the loss, lesson 10; 0: the plain loss), ``training``
+    (False: one forward pass, no KV cache), and ``gpus`` with ``sharding`` ("ddp", "zero1", "zero2",
     "zero3", "fsdp"): the peak per GPU, ``batch_size`` per GPU. Raises ``ValueError`` naming the valid choices.
     """
     unknown = sorted(set(techniques) - set(TECHNIQUES))
@@ -384,3 +387,68 @@ def planner(**start):
 
     return PlannerApp(**start)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation: weights plus one KV cache per request (lesson 11)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationPlan:
+    """How many requests of ``context`` tokens each can generate at once on one GPU.
+
+    ``weights``: the model in its format; ``per_request``: one request's KV cache at its full context; ``temporaries``:
+    the prefill of one request's prompt (requests are prefilled one at a time, as serving engines do; ``generate``
+    with a batch prefills them together and needs ``batch`` times that); ``requests``: the most whose caches fit
+    beside the rest under the budget (0 when not even one does)."""
+
+    model: str
+    gpu: GPU
+    context: int
+    dtype: str
+    attn: str
+    weights: int
+    per_request: int
+    temporaries: int
+
+    @property
+    def requests(self) -> int:
+        free = self.gpu.budget - self.weights - self.temporaries
+        return max(0, free // self.per_request)
+
+    def peak(self, requests: int | None = None) -> int:
+        """Predicted bytes with ``requests`` caches full (default: ``self.requests``)."""
+        n = self.requests if requests is None else requests
+        return self.weights + self.temporaries + n * self.per_request
+
+    def __str__(self) -> str:
+        return (f"{self.model} on {self.gpu}, {self.dtype} weights and cache, {self.attn} attention: weights "
+                f"{self.weights / GiB:,.2f} GiB, one prefill of {self.context:,} tokens "
+                f"{self.temporaries / GiB:,.2f} GiB, KV cache {self.per_request / GiB:,.3f} GiB per request of "
+                f"{self.context:,} tokens: {self.requests} concurrent request{'s' if self.requests != 1 else ''} fit.")
+
+    def __repr__(self) -> str:
+        return f"<GenerationPlan {self}>"
+
+
+def plan_generation(model, gpu, context: int = 8192, dtype: str = "bf16", attn: str = "sdpa",
+                    weights: str | None = None) -> GenerationPlan:
+    """How many concurrent ``context``-token requests fit ``gpu``: ``plan_generation("llama-3-8b", "L4").requests``.
+
+    ``dtype``: the model's compute type ("bf16", "fp16", "fp32"), which is the cache's; ``weights``: the weight format
+    if different ("int8", "nf4": quantized weights, the rest in ``dtype``); ``attn``: "sdpa" (fused, no score
+    matrix) or "eager" (the scores and a causal mask of context x context, ``helpers.generation``). The budget is
+    the card's ``USABLE`` share, as for training."""
+    from . import generation
+
+    name, config = _model(model)
+    gpu = _gpu(gpu)
+    context = _whole("context", context)
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"dtype={dtype!r}: choose bf16, fp16 or fp32 (the cache's type)")
+    fmt = weights or dtype
+    w = predict(config, Recipe(training=False, weights=fmt, unquantized=dtype, optimizer="none", batch_size=1,
+                               seq_len=1, device="cuda")).weights
+    temps = (generation.prefill_temporaries_bytes(config, context, 1, dtype, attn)
+             + generation.logits_bytes(config, 1))
+    return GenerationPlan(name, gpu, context, dtype, attn, w, generation.kv_cache_bytes(config, context, 1, dtype),
+                          temps)

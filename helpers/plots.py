@@ -33,10 +33,11 @@ def stacked_bars(reports: dict, title: str = "", ax=None, unit: int = MiB, unit_
 PHASE_SHADES = ("#f2f2f2", "#ffffff")  # alternate phases on a light background, so the categories keep their colours
 
 
-def timeline(report, title: str = "", ax=None, unit: int = MiB, unit_name: str = "MiB"):
+def timeline(report, title: str = "", ax=None, unit: int = MiB, unit_name: str = "MiB", window=None, bottom=0.0):
     """Live bytes by category over one measured block (``measure(..., timeline=True)``), stacked, with the phases
     shaded and named along the top and the peak marked. ``report`` is a ``MemoryReport`` or its ``Timeline``.
-    The x axis counts allocations and frees, not seconds: each step of it is one tensor made or freed."""
+    The x axis counts allocations and frees, not seconds: each step of it is one tensor made or freed.
+    ``window=(first, last)`` zooms on those events; ``bottom`` (in ``unit``) starts the y axis above 0."""
     import matplotlib.pyplot as plt
 
     tl = getattr(report, "timeline", report)
@@ -50,24 +51,26 @@ def timeline(report, title: str = "", ax=None, unit: int = MiB, unit_name: str =
     top = max(tl.total(i) for i in x) / unit
     # Room above the highest point for the phase names; axes that share y with other timelines keep the tallest.
     low, high = ax.get_ylim()
-    ax.set_ylim(0, max(top * 1.22, high if ax.has_data() and high > 1 else 0))
+    ax.set_ylim(bottom, max(bottom + (top - bottom) * 1.22, high if ax.has_data() and high > 1 else 0))
     names_at = ax.get_xaxis_transform()  # x in events, y as a fraction of the axes' height
+    start, end = window or (0, max(tl.events - 1, 1))
     named = 0
     for k, (first, last, name) in enumerate(tl.phases):
         ax.axvspan(first - 0.5, last + 0.5, color=PHASE_SHADES[k % 2], zorder=0)
-        if last - first >= 0.06 * tl.events:  # name the spans wide enough to hold a label
-            at_end = last >= tl.events - 1
+        first, last = max(first, start), min(last, end)  # the part in view
+        if last - first >= 0.06 * (end - start):  # name the spans wide enough to hold a label
+            at_end = last >= end
             row = 0.97 - 0.07 * (named % 2) if len(tl.phases) > 4 else 0.97  # many phases: two rows, no overlap
             ax.text(last if at_end else (first + last) / 2, row, name, ha="right" if at_end else "center",
                     va="top", fontsize=8, transform=names_at)
             named += 1
     peak = tl.peak_event
     ax.axvline(peak, color="black", linestyle="--", linewidth=1)
-    right_half = peak > tl.events / 2  # write the label on the side with room
+    right_half = peak > (start + end) / 2  # write the label on the side with room
     ax.annotate(f"peak {tl.total(peak) / unit:,.1f} {unit_name}\n({tl.phase_of(peak)})", (peak, tl.total(peak) / unit),
                 xytext=(-6 if right_half else 6, -4), textcoords="offset points", fontsize=8, va="top",
                 ha="right" if right_half else "left")
-    ax.set_xlim(0, max(tl.events - 1, 1))
+    ax.set_xlim(start, end)
     ax.set_xlabel("allocations and frees, in order")
     ax.set_ylabel(unit_name)
     ax.set_title(title)

@@ -18,6 +18,12 @@ The engines, written the way a practitioner writes them today:
 - ``fsdp``: ``torch.distributed.fsdp.fully_shard`` on each decoder block and the root (FSDP2, ZeRO-3-like);
 - ``zero``: ``deepspeed.initialize`` with a ZeRO config of ``--stage`` 1, 2 or 3 (``--offload`` moves the
   optimizer state and fp32 master weights to CPU memory).
+
+A run's ``RunSpec`` can also ask FSDP2 for ``MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+reduce_dtype=torch.float32)``, ``CPUOffloadPolicy`` or a 2-D (replicas, shards) mesh (HSDP); for a checkpoint
+saved with ``torch.distributed.checkpoint`` (DCP) after the first step (``save``) or loaded in a fresh launch before
+the second (``resume``: model and optimizer; ``resume_weights``: the model only, with a fresh optimizer); and for
+other DeepSpeed ``zero_optimization`` settings (bucket sizes, ``overlap_comm``).
 """
 
 from __future__ import annotations
@@ -67,8 +73,9 @@ DEEPSPEED_BUFFERS = {"reduce_bucket_size": 2_000_000, "prefetch_bucket_size": 2_
                      "param_persistence_threshold": 0}
 
 
-def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
-    """The ZeRO config this run uses (the files in ``configs/`` are the same, sized for GPUs)."""
+def deepspeed_config(stage: int, offload: bool, micro_batch: int, **zero_settings) -> dict:
+    """The ZeRO config this run uses (the files in ``configs/`` are the same, sized for GPUs); ``zero_settings``
+    replace or add ``zero_optimization`` keys (``overlap_comm=True``, ``reduce_bucket_size=...``)."""
     zero = {"stage": stage, "reduce_bucket_size": DEEPSPEED_BUFFERS["reduce_bucket_size"],
             "allgather_bucket_size": 2_000_000}
     if stage == 3:
@@ -76,6 +83,7 @@ def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
                     stage3_param_persistence_threshold=DEEPSPEED_BUFFERS["param_persistence_threshold"])
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
+    zero.update(zero_settings)
     # gradient_clipping: DeepSpeed 0.19 clips the gradient norm to 1.0 unless told otherwise; the PyTorch loops
     # here do not clip, so neither does this (the HF Trainer sets it from max_grad_norm, also 1.0 by default).
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
@@ -83,11 +91,35 @@ def deepspeed_config(stage: int, offload: bool, micro_batch: int) -> dict:
             "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
+def fsdp_options(param_dtype: str = "fp32", offload: bool = False, mesh=None) -> dict:
+    """``fully_shard``'s keyword arguments for a run: the mixed-precision and offload policies, the device mesh."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    options = {}
+    if param_dtype != "fp32":
+        # compute (and the all-gather) in 16 bits; gradients reduced in fp32 into the fp32 sharded parameters
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, DTYPES[param_dtype]),
+                                                    reduce_dtype=torch.float32)
+    if offload:
+        # pin_memory needs an accelerator's driver; on a GPU machine keep the default (True)
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    if mesh is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        options["mesh"] = init_device_mesh(device, tuple(mesh), mesh_dim_names=("replicate", "shard"))
+    return options
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
 class Run:
     """One engine's model, optimizer and step; ``state`` names the engine's own tensors by category."""
 
-    def __init__(self, args, engine: str, stage: int = 0, offload: bool = False):
+    def __init__(self, args, engine: str, stage: int = 0, offload: bool = False, spec=None):
         self.args, self.engine_name, self.stage, self.offload = args, engine, stage, offload
+        self.spec = spec
         dist = torch.distributed
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -98,16 +130,17 @@ class Run:
         if engine == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            options = fsdp_options(spec.param_dtype, offload, spec.mesh) if spec is not None else {}
             for block in model.model.layers:  # one unit per decoder block, then the rest (embedding, norm)
-                fully_shard(block)
-            fully_shard(model)  # before the optimizer: it must see the sharded parameters
+                fully_shard(block, **options)
+            fully_shard(model, **options)  # before the optimizer: it must see the sharded parameters
         # ``model`` runs the step (the engine's wrapper); ``module`` is the plain model; ``inner`` the torch optimizer
         # whose ``.state`` holds the moments (DeepSpeed wraps it in its ZeRO optimizer).
         self.optimizer = self.inner = torch.optim.AdamW(model.parameters(), lr=LR)
         if engine == "zero":
             import deepspeed
 
-            cfg = deepspeed_config(stage, offload, args.micro_batch)
+            cfg = deepspeed_config(stage, offload, args.micro_batch, **dict(spec.zero if spec is not None else ()))
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.inner, config=cfg)
             self.inner = self.optimizer.optimizer
         elif engine == "ddp":
@@ -237,19 +270,67 @@ def model_states(run: Run, step: int) -> tuple[float, dict[str, int]]:
     return run.mean_loss(loss), states
 
 
+def save_checkpoint(run: Run, folder: Path) -> dict:
+    """Save the sharded model and optimizer state with DCP: every rank writes its own shards, in parallel, and
+    rank 0 the metadata. Returns what this rank wrote: its file, its bytes, the seconds it took."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    t0 = time.perf_counter()
+    model_state, optimizer_state = get_state_dict(run.model, run.optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    rank = run.rank
+    mine = [p for p in folder.glob(f"__{rank}_*.distcp")]
+    return {"folder": str(folder), "files": {p.name: p.stat().st_size for p in mine},
+            "seconds": time.perf_counter() - t0}
+
+
+def load_checkpoint(run: Run, folder: Path, optimizer: bool = True) -> dict:
+    """Load a DCP checkpoint into this run's freshly built (sharded) model and, with ``optimizer``, its AdamW: each
+    rank reads what its own shards need, whatever world size saved it (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    t0 = time.perf_counter()
+    if optimizer:
+        model_state, optimizer_state = get_state_dict(run.model, run.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(run.model, run.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+    else:
+        state = {"model": get_model_state_dict(run.model)}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_model_state_dict(run.model, state["model"])
+    steps = sorted({float(s["step"]) for s in run.inner.state.values() if "step" in s})
+    return {"folder": str(folder), "seconds": time.perf_counter() - t0, "optimizer_steps": steps}
+
+
 def train_and_measure(args, name: str) -> dict:
     from .memory import Meter
     from .sharding import RUNS
 
     spec = RUNS[name]
     t0 = time.perf_counter()
-    run = Run(args, spec.engine, spec.stage, spec.offload)
+    run = Run(args, spec.engine, spec.stage, spec.offload, spec)
     setup = time.perf_counter() - t0
-    losses, seconds, states = [], [], {}
-    for i in range(args.steps):
+    losses, seconds, states, checkpoint = [], [], {}, {}
+    folder = Path(args.checkpoint or Path(args.out, "dcp")).resolve()
+    first, steps = 0, min(spec.steps or args.steps, args.steps)
+    if spec.checkpoint.startswith("resume"):  # a fresh launch: carry on from the checkpoint of the first step
+        checkpoint = load_checkpoint(run, folder, optimizer=spec.checkpoint == "resume")
+        first = 1
+    for i in range(first, steps):
         t = time.perf_counter()
-        if i < args.steps - 1:
+        if i < steps - 1:
             losses.append(run.step(i))
+            if spec.checkpoint == "save" and i == 0:
+                checkpoint = save_checkpoint(run, folder)
         else:  # the last step is measured: the earlier ones allocated optimizer state (and DDP rebuilt its buckets)
             with Meter(run.module, run.inner) as meter:
                 for category, tensors in run.state().items():
@@ -259,7 +340,16 @@ def train_and_measure(args, name: str) -> dict:
         seconds.append(time.perf_counter() - t)
     run.close()
     dist = torch.distributed
+    placement = {}
+    if spec.engine == "fsdp":  # where each category lives, and in which dtype, as the rank holds it
+        weight = next(run.module.parameters())
+        placement = {"weights": [str(weight.device), str(weight.dtype)],
+                     "optimizer": sorted({f"{t.device} {t.dtype}" for s in run.inner.state.values()
+                                          for t in s.values() if t.dim() > 0}),
+                     "weight_placements": [str(pl) for pl in getattr(weight, "placements", ())]}
     return {"run": name, "engine": run.engine_name, "stage": run.stage, "offload": run.offload, "rank": run.rank,
+            "param_dtype": spec.param_dtype, "mesh": spec.mesh, "zero": dict(spec.zero), "first_step": first,
+            "checkpoint": checkpoint, "placement": placement,
             "world_size": run.world_size, "backend": dist.get_backend() if dist.is_initialized() else None,
             "params": run.params, "layers": args.layers, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
             "losses": losses, "step_seconds": seconds, "setup_seconds": setup,
@@ -276,6 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default=None, help="the DCP checkpoint folder (default: <out>/dcp)")
     p.add_argument("--die-at-rank", type=int, default=None, help="testing: this rank exits after joining the group")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # the deepspeed launcher passes it
     args = p.parse_args(argv)

@@ -39,7 +39,12 @@ class RunSpec:
     launcher: str  # python (one process) | accelerate | torchrun | deepspeed
     engine: str  # single | ddp | fsdp | zero
     stage: int = 0  # the ZeRO stage it corresponds to (DDP: 0, FSDP full shard: 3)
-    offload: bool = False
+    offload: bool = False  # ZeRO: the optimizer to CPU memory; FSDP: CPUOffloadPolicy (weights, grads, state)
+    param_dtype: str = "fp32"  # FSDP: MixedPrecisionPolicy(param_dtype=...) for "bf16", fp32 reduce
+    mesh: tuple[int, int] | None = None  # FSDP: a 2-D (replicas, shards) device mesh, i.e. HSDP
+    checkpoint: str = ""  # FSDP: "save" (DCP after the first step) | "resume" | "resume_weights" (a fresh launch)
+    zero: tuple = ()  # ZeRO: (key, value) pairs that change the worker's zero_optimization section
+    steps: int | None = None  # fewer steps than the launch's --steps (a slow run: the last one is still measured)
 
 
 RUNS = {
@@ -50,6 +55,18 @@ RUNS = {
     "zero2": RunSpec("DeepSpeed ZeRO-2", "deepspeed", "zero", 2),
     "zero3": RunSpec("DeepSpeed ZeRO-3", "deepspeed", "zero", 3),
     "zero2_offload": RunSpec("DeepSpeed ZeRO-2, optimizer offloaded to CPU", "deepspeed", "zero", 2, True),
+    # What real multi-GPU runs add (lesson 09's last sections): FSDP2's policies, HSDP, DCP checkpoints, buckets
+    "fsdp_bf16": RunSpec("FSDP2 + MixedPrecisionPolicy(bf16 compute, fp32 reduce)", "torchrun", "fsdp", 3,
+                         param_dtype="bf16", steps=2),  # bf16 matmuls are slow on CPUs without AVX512-BF16
+    "fsdp_offload": RunSpec("FSDP2 + CPUOffloadPolicy", "torchrun", "fsdp", 3, offload=True),
+    "hsdp": RunSpec("HSDP: 2-D mesh, 2 replicas x 1 shard", "torchrun", "fsdp", 0, mesh=(2, 1)),
+    "fsdp_save": RunSpec("FSDP2, DCP checkpoint after step 1", "torchrun", "fsdp", 3, checkpoint="save"),
+    "fsdp_resume": RunSpec("FSDP2 resumed from the DCP checkpoint", "torchrun", "fsdp", 3, checkpoint="resume"),
+    "fsdp_resume_weights": RunSpec("FSDP2 resumed, weights only (fresh AdamW)", "torchrun", "fsdp", 3,
+                                   checkpoint="resume_weights"),
+    "zero2_buckets": RunSpec("DeepSpeed ZeRO-2, overlap_comm + 10x buckets", "deepspeed", "zero", 2,
+                             zero=(("overlap_comm", True), ("reduce_bucket_size", 20_000_000),
+                                   ("allgather_bucket_size", 20_000_000))),
 }
 
 
@@ -67,8 +84,14 @@ def recipe(name: str, micro_batch: int = 1, seq_len: int = 64):
     if spec.engine == "ddp":
         return base.but(gradient_as_bucket_view=True)
     if spec.engine == "zero":
-        return base.but(engine="deepspeed", zero_stage=spec.stage, offload_optimizer=spec.offload, **DEEPSPEED_BUFFERS)
-    return base.but(zero_stage=spec.stage)  # FSDP
+        # allgather_bucket_size is not a Recipe field: in DeepSpeed 0.19 the ZeRO-1/2 all-gather writes straight into
+        # the flat weight buffer (it only sets how many pieces the gather is cut into), so it allocates nothing.
+        buffers = {**DEEPSPEED_BUFFERS, **{k: v for k, v in spec.zero if k in ("reduce_bucket_size", "overlap_comm")}}
+        return base.but(engine="deepspeed", zero_stage=spec.stage, offload_optimizer=spec.offload, **buffers)
+    if spec.param_dtype != "fp32" or spec.mesh:
+        raise ValueError(f"run {name!r}: helpers.estimate does not model FSDP2's {spec.title} (lesson 09 computes it)")
+    # FSDP; CPUOffloadPolicy on a CPU-only machine moves nothing (the device is the CPU); a checkpoint adds no tensor
+    return base.but(zero_stage=spec.stage)
 
 
 class LaunchError(RuntimeError):

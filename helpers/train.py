@@ -14,16 +14,18 @@ from __future__ import annotations
 import torch
 
 from .cpu_packing import ensure_trainable, prevent_packing
+from .loss import causal_lm_loss
 
 
 def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool = False,
-                    accumulation_steps: int = 1):
+                    accumulation_steps: int = 1, loss_chunk: int | None = None):
     """A closure running one optimizer step on ``batch``; returns the loss as a float.
 
     With ``accumulation_steps=k`` the batch is split into k equal micro-batches along its first dimension;
     each micro-batch's loss is divided by k and back-propagated, the gradients add up in ``.grad``, and
     the optimizer steps once (equal micro-batches of unpadded tokens: lesson 07 shows when that is not enough).
     An ``OptimizerInBackward`` steps each parameter inside backward already: the step is forward and backward.
+    ``loss_chunk``: compute the loss that many positions of every row at a time (``helpers.loss``, lesson 10).
     """
     in_backward = isinstance(optimizer, OptimizerInBackward)
     if in_backward and accumulation_steps > 1:
@@ -41,7 +43,7 @@ def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool 
     def step() -> float:
         total = 0.0
         for part in micro:
-            loss = model(**part, use_cache=False).loss / accumulation_steps
+            loss = causal_lm_loss(model, part, loss_chunk) / accumulation_steps
             loss.backward()
             total += loss.item()
         if not in_backward:

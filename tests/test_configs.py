@@ -31,6 +31,7 @@ YAMLS = {
     "ddp_1node.yaml": ("MULTI_GPU", 8, 1, None),
     "fsdp_1node.yaml": ("FSDP", 8, 1, None),
     "fsdp_multinode.yaml": ("FSDP", 16, 2, None),
+    "fsdp_hsdp_multinode.yaml": ("FSDP", 16, 2, None),
     "deepspeed_zero2_1node.yaml": ("DEEPSPEED", 8, 1, "zero2.json"),
     "deepspeed_zero3_1node.yaml": ("DEEPSPEED", 8, 1, "zero3.json"),
     "deepspeed_zero3_offload_1node.yaml": ("DEEPSPEED", 8, 1, "zero3_offload.json"),
@@ -72,6 +73,7 @@ def unknown_nested_keys(cluster_config) -> list[str]:
     flags = {action.dest for action in launch_command_parser()._actions}
     keys = [k if k.startswith("fsdp") else f"fsdp_{k}" for k in cluster_config.fsdp_config]
     keys += list(cluster_config.deepspeed_config)
+    keys += list(cluster_config.parallelism_config)  # copied by name too (HSDP's mesh sizes)
     return sorted(k for k in keys if k not in flags)
 
 
@@ -345,3 +347,63 @@ def test_a_typo_under_fsdp_config_is_silently_ignored_by_accelerate_but_not_here
     _, _, env, _ = simulate_launch(tmp_path / "typo.yaml")
     assert plugin_in(env).transformer_cls_names_to_wrap is None  # ...and the wrap class is silently lost
     assert unknown_nested_keys(loaded) == ["fsdp_transformer_layer_cls_to_warp"]
+
+
+# --- HSDP: FSDP2 on a 2-D mesh of replicas x shards ---------------------------------------------------------
+
+
+def parallelism_in(env: dict):
+    """The ``ParallelismConfig`` every rank's ``Accelerator()`` builds from the launcher's environment."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    assert env.get("ACCELERATE_USE_PARALLELISM_CONFIG") == "true"
+    with mock.patch.dict(os.environ, env):
+        return ParallelismConfig()
+
+
+def accelerator_stub(processes: int):
+    """What ``ParallelismConfig._validate_accelerator`` reads of an FSDP2 ``Accelerator`` with ``processes`` ranks."""
+    from accelerate.utils import DistributedType
+
+    return types.SimpleNamespace(multi_device=True, num_processes=processes, is_fsdp2=True, is_main_process=True,
+                                 distributed_type=DistributedType.FSDP)
+
+
+def test_hsdp_shards_inside_a_node_and_replicates_across_nodes(at_repo_root):
+    args, config, env, launch = simulate_launch("configs/accelerate/fsdp_hsdp_multinode.yaml")
+    parallel = parallelism_in(env)
+    # the mesh FSDP2 gets: (replicas, shards), replicas = machines, shards = the GPUs of one machine
+    assert parallel._get_mesh() == (("dp_replicate", "dp_shard"), (2, 8))
+    assert (parallel.dp_replicate_size, parallel.dp_shard_size) == (launch.min_nodes, launch.nproc_per_node)
+    assert parallel.fsdp_dim_names == ["dp_replicate", "dp_shard_cp"]  # fully_shard's 2-D mesh: HSDP
+    parallel._validate_accelerator(accelerator_stub(config.num_processes))  # 2 x 8 = the 16 processes
+    assert plugin_in(env).fsdp_version == 2 and plugin_in(env).reshard_after_forward is True
+    # the plain multi-node FSDP file has no mesh: one 16-way shard across both machines
+    _, _, flat_env, _ = simulate_launch("configs/accelerate/fsdp_multinode.yaml")
+    assert "ACCELERATE_USE_PARALLELISM_CONFIG" not in flat_env
+
+
+def test_hsdp_sizes_that_do_not_multiply_to_the_processes_are_refused(tmp_path, at_repo_root):
+    config = yaml.safe_load((ACCELERATE_DIR / "fsdp_hsdp_multinode.yaml").read_text(encoding="utf-8"))
+    config["parallelism_config"]["parallelism_config_dp_shard_size"] = 4  # 2 x 4 = 8, not 16
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    _, _, env, _ = simulate_launch(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="does not match num_processes"):
+        parallelism_in(env)._validate_accelerator(accelerator_stub(16))
+
+
+def test_accelerates_bf16_fsdp2_policy_reduces_gradients_in_bf16(at_repo_root):
+    """``mixed_precision: bf16`` gives FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)``; for fp32
+    gradient reduction (lesson 09's policy) pass the plugin a policy with ``reduce_dtype=torch.float32``."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    _, _, env, _ = simulate_launch("configs/accelerate/fsdp_hsdp_multinode.yaml")
+    plugin = plugin_in(env)
+    plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])  # what AcceleratorState does with it
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
+    with mock.patch.dict(os.environ, env):
+        plugin = FullyShardedDataParallelPlugin(mixed_precision_policy={
+            "param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.bfloat16})
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.float32

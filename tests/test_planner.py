@@ -305,3 +305,34 @@ def test_new_presets_and_several_gpus():
     assert peaks["fsdp"] < one.peak
     assert not one.fits and plan("llama-3-8b", "A100 80GB", batch_size=2, seq_len=2048, weights="bf16",
                                  gradient_checkpointing=True, gpus=8, sharding="zero3").fits
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation (lesson 11): weights plus one KV cache per request
+# ------------------------------------------------------------------------------------------------
+def test_llama_3_8b_bf16_8k_on_an_l4_is_four_requests_by_hand():
+    from helpers.planner import USABLE, plan_generation
+
+    p = plan_generation("llama-3-8b", "L4", context=8192, dtype="bf16")
+    per_token = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
+    assert p.per_request == 8192 * per_token == 2**30
+    assert 2 * 8_030_261_248 <= p.weights < 2 * 8_030_261_248 + 2**20  # 8.03 B parameters (untied lm_head), buffers
+    free = 24e9 * USABLE - p.weights - p.temporaries
+    assert p.requests == int(free // 2**30) == 4
+    assert p.peak() <= GPUS["L4"].budget < p.peak(p.requests + 1)
+
+
+def test_generation_plan_follows_the_toggles():
+    from helpers.planner import plan_generation
+
+    base = plan_generation("llama-3-8b", "L4", 8192)
+    assert plan_generation("llama-3-8b", "L4", 8192, attn="eager").requests == 0  # 8k x 8k scores in each layer
+    assert plan_generation("llama-3-8b", "L4", 4096).requests > 2 * base.requests - 1  # half the cache per request
+    assert plan_generation("llama-3-8b", "L4", 8192, weights="nf4").requests > 2 * base.requests
+    assert plan_generation("llama-3-8b", "H100", 8192).requests > 5 * base.requests
+    fp32 = plan_generation("smollm2-135m", "T4", 2048, dtype="fp32")
+    assert fp32.per_request == 2048 * 30 * 2 * 3 * 64 * 4
+    assert plan_generation("llama-3-70b", "L4", 8192).requests == 0
+    for bad in (dict(context=0), dict(dtype="int8"), dict(attn="flash")):
+        with pytest.raises(ValueError):
+            plan_generation("llama-3-8b", "L4", **{"context": 8192, **bad})

@@ -137,3 +137,91 @@ def test_deepspeed_without_a_compiler_is_refused_before_launching(tmp_path, monk
     with pytest.raises(LaunchError, match="C\\+\\+ compiler"):
         launch("zero2", out=tmp_path, extra=TINY, timeout=60)
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "launch.log").exists()
+
+
+# --- what real multi-GPU runs add: FSDP2's policies, HSDP, DCP save/resume, DeepSpeed's buckets ----------------
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    runs = launch("fsdp", "fsdp_bf16", "fsdp_offload", "hsdp", "fsdp_save", out=out / "a", extra=TINY, timeout=300)
+    runs |= launch("fsdp_resume", "fsdp_resume_weights", out=out / "b", timeout=300,
+                   extra=[*TINY, "--checkpoint", str(out / "a" / "dcp")])
+    return runs
+
+
+def test_mixed_precision_policy_keeps_fp32_model_states_and_shrinks_the_rest(fsdp2_runs):
+    plain, bf16 = fsdp2_runs["fsdp"], fsdp2_runs["fsdp_bf16"]
+    assert len(bf16[0]["losses"]) == RUNS["fsdp_bf16"].steps == 2  # the slow run's own step count
+    for a, b in zip(plain, bf16, strict=True):
+        assert b["model_states"] == a["model_states"]  # fp32 shards, fp32 gradient shards, fp32 moments
+        assert b["placement"]["weights"] == ["cpu", "torch.float32"]
+        assert b["peak"]["activations"] < 0.9 * a["peak"]["activations"]  # bf16 gathers and activations
+        assert b["losses"] == pytest.approx(a["losses"][:2], rel=1e-2)
+        assert b["losses"] != pytest.approx(a["losses"][:2], rel=1e-7)  # really computed in bf16
+
+
+def test_cpu_offload_policy_runs_and_changes_nothing_on_a_cpu(fsdp2_runs):
+    for a, b in zip(fsdp2_runs["fsdp"], fsdp2_runs["fsdp_offload"], strict=True):
+        assert b["model_states"] == a["model_states"]
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-6)
+        assert b["placement"]["weights"][0] == "cpu" and b["offload"] is True
+
+
+def test_hsdp_two_replicas_of_one_shard_hold_full_copies(fsdp2_runs, reports):
+    for r, ddp in zip(fsdp2_runs["hsdp"], reports["ddp"], strict=True):
+        assert r["placement"]["weight_placements"] == ["R", "S(0)"] and r["mesh"] == [2, 1]
+        for category in ("weights", "optimizer"):
+            assert r["model_states"][category] == pytest.approx(ddp["model_states"][category], rel=0.01)
+        assert r["losses"] == pytest.approx(reports["single"][0]["losses"], rel=1e-4)
+
+
+def test_dcp_resume_continues_exactly_and_each_rank_writes_its_shard(fsdp2_runs):
+    saved, resumed, fresh = fsdp2_runs["fsdp_save"], fsdp2_runs["fsdp_resume"], fsdp2_runs["fsdp_resume_weights"]
+    assert [r["first_step"] for r in resumed] == [1, 1]
+    for r in resumed:
+        assert r["losses"] == pytest.approx(saved[0]["losses"][1:], rel=1e-6)
+        assert r["checkpoint"]["optimizer_steps"] == [1.0]
+    # the model alone gives the right next loss, but not the one after the first update with fresh moments
+    assert fresh[0]["losses"][0] == pytest.approx(saved[0]["losses"][1], rel=1e-6)
+    assert fresh[0]["losses"][1] != pytest.approx(saved[0]["losses"][2], rel=1e-5)
+    files = [r["checkpoint"]["files"] for r in saved]
+    assert [sorted(f) for f in files] == [["__0_0.distcp"], ["__1_0.distcp"]]
+    # each file holds about half of the weights (the tied embedding under both names) and of AdamW's moments
+    params = saved[0]["params"]
+    embedding = tiny_config().vocab_size * tiny_config().hidden_size
+    half = ((params + embedding) * 4 + params * 8) / 2
+    for f in files:
+        (size,) = f.values()
+        assert half * 0.95 <= size <= half * 1.3, (size, half)  # the tiny model's per-tensor overhead is large
+
+
+def test_recipe_refuses_what_the_predictor_does_not_model():
+    with pytest.raises(ValueError, match="does not model"):
+        recipe("fsdp_bf16")
+    with pytest.raises(ValueError, match="does not model"):
+        recipe("hsdp")
+    assert recipe("fsdp_save") == recipe("fsdp") == recipe("fsdp_offload")
+
+
+def test_bucket_settings_reach_deepspeed_and_the_predictor(tmp_path):
+    from helpers.shard_worker import deepspeed_config
+
+    spec = RUNS["zero2_buckets"]
+    config = deepspeed_config(2, False, 1, **dict(spec.zero))
+    assert config["zero_optimization"]["overlap_comm"] is True
+    assert config["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    assert config["zero_optimization"]["allgather_bucket_size"] == 20_000_000
+    r = recipe("zero2_buckets")
+    assert (r.overlap_comm, r.reduce_bucket_size) == (True, 20_000_000)
+    base = predict(tiny_config(), recipe("zero2")).peak
+    assert predict(tiny_config(), r).peak - base == 2 * 20_000_000 * 4 - 2_000_000 * 4
+
+
+def test_bucket_run_grows_the_bucket_rank_by_the_predicted_bytes(tmp_path, reports):
+    runs = launch("zero2_buckets", out=tmp_path, extra=TINY, timeout=300)
+    change = 2 * 20_000_000 * 4 - 2_000_000 * 4
+    rank0 = sum(runs["zero2_buckets"][0]["peak"].values()) - sum(reports["zero2"][0]["peak"].values())
+    assert rank0 == pytest.approx(change, rel=0.02)
+    assert runs["zero2_buckets"][0]["losses"] == pytest.approx(reports["single"][0]["losses"], rel=1e-4)

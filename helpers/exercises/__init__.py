@@ -12,4 +12,6 @@ from . import (
     lesson08,  # noqa: F401
     lesson09,  # noqa: F401
     lesson10,  # noqa: F401
+    lesson11,  # noqa: F401
+    lesson12,  # noqa: F401
 )

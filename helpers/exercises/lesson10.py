@@ -1,232 +1,211 @@
-"""Lesson 10 — Capstone: fit the budget."""
+"""Lesson 10 — The logits and the loss.
+
+Exercise 1 is a prediction asked before the lesson measures the loss at that vocabulary and batch (its target is
+``helpers.estimate.loss_bytes``); exercise 2 is code run on tiny models the check builds, judged by the loss it
+returns and by how many positions went through the output layer; exercise 3 is a diagnosis of a run the lesson
+does not make (a 152 k-token vocabulary on a 24 GB card), judged with the predictor.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
-from ..capstone import (
-    TIGHT_WORKLOAD,
-    WORKLOAD,
-    Attempt,
-    RecipeError,
-    Workload,
-    attempt,
-    course_dims,
-    judge,
-    load_reference,
-)
-from ..checks import AnswerError, as_number, exercise
-from ..estimate import Recipe, predict
-from ..memory import CATEGORIES, LABELS, MiB
+import torch
+import torch.nn.functional as F
 
-LESSON = "10_fit_the_budget"
-BUDGET = WORKLOAD.budget  # the lesson's constants: the capstone's job (helpers.capstone.WORKLOAD) is the single source
-TIGHT_BUDGET = TIGHT_WORKLOAD.budget
-BATCH, SEQ, STEPS = WORKLOAD.batch_size, WORKLOAD.seq_len, WORKLOAD.steps
+from ..checks import AnswerError, as_number, exercise, human_bytes, learner_call, plain, ratio_hint
+from ..estimate import Dims, Recipe, loss_bytes, predict
 
-# The plan the learner predicts in exercise 1, which the lesson then measures: the original LoRA paper's choice of
-# adapters (rank 8 on the attention's query and value projections) on a 4-bit base, with micro-batches of 2 rows.
-# The ladder the lesson prints before it adapts every linear layer at rank 16 in micro-batches of 1 row: no rung
-# shares its categories.
-PLAN = Recipe(batch_size=2, gradient_accumulation_steps=BATCH // 2, seq_len=SEQ, weights="nf4", double_quant=True,
-              lora_rank=8, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True)
-# Each plausible slip, as the recipe it amounts to, and what to say about it.
-SLIPS = [
-    (PLAN.but(batch_size=BATCH, gradient_accumulation_steps=1),
-     "that is the whole batch of 8 rows at once. With accumulation only one micro-batch of 2 x 128 is alive at a "
-     "time: activations shrink 4-fold, and the gradients of the adapters stay between micro-batches."),
-    (PLAN.but(batch_size=1, gradient_accumulation_steps=BATCH),
-     "that is micro-batches of 1 row (the ladder's); the plan splits the 8 rows into 4 micro-batches of 2."),
-    (PLAN.but(gradient_checkpointing=False),
-     "that is without gradient checkpointing: the plan keeps only each block's input and recomputes the rest."),
-    (PLAN.but(lora_targets="all-linear"),
-     "that adapts every linear layer of each block; the plan adapts only q_proj and v_proj (and v_proj is "
-     "narrower than q_proj: 3 key-value heads of 64 give 192 outputs, not 576)."),
-    (PLAN.but(lora_rank=16),
-     "that is rank 16; the plan's adapters have rank 8."),
-    (PLAN.but(weights="fp32"),
-     "those weights are the fp32 model's: the plan stores the frozen linear layers in nf4."),
-    (PLAN.but(double_quant=False),
-     "that stores the nf4 blocks' absmax constants in fp32: with double quantization they are 8-bit, with a "
-     "second level of fp32 constants per 256 of them (lesson 05)."),
-    (PLAN.but(unquantized="bf16"),
-     "that keeps the embedding and norms in bf16, but prepare_model_for_kbit_training upcasts everything "
-     "bitsandbytes left unquantized to fp32."),
-    (PLAN.but(lora_rank=0, weights="fp32"),
-     "that trains every parameter: in the plan the base is frozen and only the LoRA adapters train."),
-    (PLAN.but(optimizer="adamw8bit"),
-     "that is 8-bit AdamW; the plan uses torch's AdamW, with two fp32 moments per adapter parameter."),
-]
-UNITS = {  # what an answer in another unit looks like, as a multiple of the MiB values
-    MiB / 1e6: "these look like MB (10^6 bytes), not MiB: the course reports MiB, 2^20 = 1,048,576 bytes "
-               "(bytes / 2**20). The two differ by 4.9 %.",
-    MiB: "these look like bytes: give MiB (bytes / 2**20).",
-    1 / 1024: "these look like GiB: give MiB (GiB x 1024).",
-    MiB / 1e9: "these look like GB (10^9 bytes): give MiB (bytes / 2**20).",
-}
-# How far each category may be from the plan's, relative: 0.5 %. An honest answer is ``predict``'s (exact) or
-# the lessons' formulas by hand, rounded to two decimals of a MiB (at most 0.3 % off the plan's smallest category,
-# the 1.76 MiB of gradients). Every slip above moves some category by more: MB instead of MiB (4.9 %), the absmax
-# constants kept in fp32 (+2.8 % of the weights) or left out (-1.1 %), all-linear targets (gradients x 5.3),
-# rank 16 (x 2).
-TOLERANCE = 0.005
+LESSON = "10_logits_and_the_loss"
+GiB = 2**30
+
+# Exercise 1: the loss of the course model's hidden size over Mistral 7B's 32,000-token vocabulary, 2 x 128 tokens
+# (the lesson's sweep measures it next).
+PREDICT_VOCAB, PREDICT_ROWS, PREDICT_SEQ = 32_000, 2, 128
+PREDICT_TOLERANCE = 0.01  # the formula is exact in bytes; 1 % allows rounding a MiB answer
 
 
-def _tolerance(target: float) -> float:
-    """Bytes a category may be off: TOLERANCE of it."""
-    return TOLERANCE * target
+def _course_context() -> dict:
+    from ..capstone import course_dims
+
+    return {"dims": course_dims()}
 
 
-def _categories(answer) -> dict[str, float]:
-    """The answer as bytes per category: MemoryReport data (bytes), or a dict of MiB by category name or label."""
-    if isinstance(answer, dict) and answer.get("__class__") == "MemoryReport":
-        return {c: as_number(answer.get(c), f"bytes of {c}") for c in CATEGORIES}
-    if not isinstance(answer, dict):
-        raise AnswerError("give a dict of MiB per category, {'weights': ..., 'gradients': ..., 'optimizer': ..., "
-                          "'activations': ...} (or predict(...) itself, or its .mib()).")
-    names = {**{c: c for c in CATEGORIES}, **{LABELS[c]: c for c in CATEGORIES}}
-    unknown = [k for k in answer if k not in names and k != "peak"]
-    if unknown:
-        raise AnswerError(f"unknown categories {unknown}: use {list(CATEGORIES)} (or the labels of .mib()).")
-    got = {names[k]: as_number(v, f"MiB of {k}") * MiB for k, v in answer.items() if k != "peak"}
-    missing = [c for c in CATEGORIES if c not in got]
-    if missing:
-        raise AnswerError(f"give a number for every category; missing {missing}.")
-    if "peak" in answer:  # predict(...).mib() has it: it must be the categories' sum
-        peak = as_number(answer["peak"], "MiB of the peak") * MiB
-        total = sum(got.values())
-        if abs(peak - total) > max(0.5 * MiB, 0.001 * total):
-            raise AnswerError(f"your peak, {peak / MiB:,.1f} MiB, is not the sum of your categories "
-                              f"({total / MiB:,.1f} MiB): the peak of a step is what is alive at one moment, "
-                              "category by category.")
-    return got
+@exercise("loss_bytes_prediction", lesson=LESSON, context=_course_context, kind="predict",
+          tolerance=PREDICT_TOLERANCE)
+def loss_bytes_prediction(answer, dims):
+    """Bytes the plain loss holds at the start of backward for ``PREDICT_VOCAB`` x ``PREDICT_ROWS`` x
+    ``PREDICT_SEQ``: 3 x tokens x vocab x 4 (fp32 log-softmax, its gradient, the logits' gradient)."""
+    d = Dims.of(dims)
+    value = as_number(answer, "a number of bytes")
+    config = {**d.__dict__, "vocab": PREDICT_VOCAB}
+    want = loss_bytes(Dims(**config), PREDICT_ROWS, PREDICT_SEQ)
+    tokens = PREDICT_ROWS * PREDICT_SEQ
+    if abs(value - want) <= PREDICT_TOLERANCE * want:
+        return True, (f"{want:,} bytes ({human_bytes(want)}): 3 x {tokens:,} tokens x {PREDICT_VOCAB:,} x 4 bytes. The "
+                      "hidden size does not appear: the logits are as wide as the vocabulary, whatever the model.")
+    hint = ratio_hint(value, want, {
+        1 / 3: "that is one logits-sized tensor: at the start of backward three are alive (the log-softmax the loss "
+               "saved, its gradient, and the gradient of the logits).",
+        2 / 3: "two of the three: the log-softmax output is saved for backward, and both its gradient and the "
+               "logits' gradient exist at the same moment.",
+        4 / 3: "the logits themselves are freed once the loss is computed (nothing keeps the model's output): three, "
+               "not four.",
+        1 / 4: "the loss computes in fp32: 4 bytes a value.",
+        1 / 2: "the loss upcasts the logits to fp32 (4 bytes a value), whatever the model's dtype.",
+        d.hidden / PREDICT_VOCAB: "that is the size of the hidden states: the logits have one value per token and "
+                                  "vocabulary entry.",
+    })
+    if hint is None and abs(value - want / 2**20) <= PREDICT_TOLERANCE * want / 2**20:
+        hint = "that is the right number of MiB: the answer is in bytes."
+    hint = hint or "count the tensors of the logits' size alive at the start of backward, in fp32."
+    return False, f"{value:,.0f} bytes is not it: {hint}"
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 1: predict a plan's peak, category by category, before the lesson measures it
+# Exercise 2: the loss over the answer only, with logits for the answer only
 # ------------------------------------------------------------------------------------------------
-@exercise("capstone_prediction", lesson=LESSON, context=lambda: {"dims": course_dims()}, kind="predict",
-          tolerance=TOLERANCE)
-def capstone_prediction(answer, dims):
-    """MiB by category at the peak of one step of ``PLAN`` on the model of ``dims`` (each within TOLERANCE)."""
-    want = predict(dims, PLAN)
-    got = _categories(answer)
+# (rows, positions, answer_len, vocab): the models and batches the check builds.
+ANSWER_CASES = ((2, 24, 4, 300), (3, 17, 1, 512), (1, 30, 9, 257))
 
-    def close(c, value) -> bool:  # within the plan's tolerance for that category
-        return abs(value - getattr(want, c)) <= _tolerance(getattr(want, c))
 
-    def near(c, value) -> bool:
-        return abs(got[c] - value) <= _tolerance(getattr(want, c))
+def _case_model(vocab: int, seed: int):
+    from ..models import tiny_model
 
-    wrong = [c for c in CATEGORIES if not close(c, got[c])]
-    if not wrong:
-        return True, (f"peak {sum(got.values()) / MiB:,.2f} MiB predicted; the estimator says {want.peak / MiB:,.2f} "
-                      f"({', '.join(f'{LABELS[c]} {getattr(want, c) / MiB:,.2f}' for c in CATEGORIES)}). "
-                      "The lesson measures it next.")
-    for factor, hint in UNITS.items():
-        if all(abs(got[c] - factor * getattr(want, c)) <= _tolerance(factor * getattr(want, c)) for c in CATEGORIES):
-            return False, hint
-    for recipe, hint in SLIPS:
-        slip = predict(dims, recipe)
-        if all(near(c, getattr(slip, c)) and not close(c, getattr(slip, c)) for c in wrong):
-            return False, f"{', '.join(LABELS[c] for c in wrong)}: {hint}"
-    c = wrong[0]
-    return False, (f"{LABELS[c]}: you said {got[c] / MiB:,.2f} MiB, which is not within {TOLERANCE:.1%} of the plan's. "
-                   f"Build the plan as a helpers.estimate.Recipe (micro-batches of 2 rows, {BATCH // 2} accumulation "
-                   "steps, nf4 with double quantization, LoRA r=8 on q_proj and v_proj, checkpointing, AdamW) and "
-                   "read predict's categories, or redo that category by hand with the formulas of its lesson.")
+    return tiny_model(seed=seed, vocab_size=vocab)
+
+
+def _case_batch(rows: int, positions: int, vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + seed)
+    ids = torch.randint(0, vocab, (rows, positions), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def reference_answer_loss(model, batch: dict, answer_len: int) -> float:
+    """The mean next-token loss over the last ``answer_len`` tokens of every row, from all the logits (slow and
+    large, but plainly right): what the learner's cheaper function must return."""
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits.float()
+    ids = batch["input_ids"]
+    predicted_by = logits[:, -answer_len - 1:-1]  # position t predicts token t + 1
+    return float(F.cross_entropy(predicted_by.flatten(0, 1), ids[:, -answer_len:].flatten()))
+
+
+def _misaligned_loss(model, batch: dict, answer_len: int) -> float:
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits.float()
+    ids = batch["input_ids"]
+    return float(F.cross_entropy(logits[:, -answer_len:].flatten(0, 1), ids[:, -answer_len:].flatten()))
+
+
+def _positions(seen: list, _module, args) -> None:
+    seen.append(int(args[0].shape[-2]) if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else 0)
+
+
+def probe_answer_loss(fn) -> list[dict]:
+    """Run ``fn(model, batch, answer_len)`` on each case's model and batch (built here); record what it returned
+    (as plain data), the largest number of positions any call of the output layer saw, and the reference losses."""
+    out = []
+    for seed, (rows, positions, answer_len, vocab) in enumerate(ANSWER_CASES):
+        model, batch = _case_model(vocab, seed), _case_batch(rows, positions, vocab, seed)
+        seen: list[int] = []
+        handle = model.get_output_embeddings().register_forward_pre_hook(functools.partial(_positions, seen))
+        ok, result = learner_call(fn, model, {k: v.clone() for k, v in batch.items()}, answer_len)
+        handle.remove()
+        try:
+            value = plain(result) if ok else None
+        except AnswerError as err:
+            ok, result, value = False, f"its result cannot be read: {err}", None
+        out.append({"error": None if ok else str(result), "value": value, "positions": max(seen, default=0),
+                    "calls": len(seen), "want": reference_answer_loss(model, batch, answer_len),
+                    "misaligned": _misaligned_loss(model, batch, answer_len)})
+    return out
+
+
+@exercise("answer_only_loss", lesson=LESSON, probe=probe_answer_loss, kind="code", points=2)
+def answer_only_loss(data):
+    """``answer_loss(model, batch, answer_len)``: the mean loss over the last ``answer_len`` tokens of each row,
+    equal to the full logits' within fp32 rounding, with at most ``answer_len + 1`` positions through the output
+    layer."""
+    if not isinstance(data, list) or len(data) != len(ANSWER_CASES) or not all(isinstance(c, dict) for c in data):
+        raise AnswerError("the check could not read what your function did: give the function itself.")
+    for (rows, positions, answer_len, vocab), case in zip(ANSWER_CASES, data, strict=True):
+        label = f"{rows} row(s) of {positions} tokens with a {answer_len}-token answer (vocabulary {vocab})"
+        if case.get("error"):
+            return False, f"on {label} it raised {case['error']}"
+        value, want = case.get("value"), case["want"]
+        if type(value) not in (int, float):
+            return False, f"on {label} it returned {type(value).__name__}: return the loss, one number (`.item()`)."
+        if case["calls"] == 0:
+            return False, (f"on {label} it never ran the model's output layer: the loss must come from the model's "
+                           "own logits for the answer.")
+        if case["positions"] > answer_len + 1:
+            return False, (f"on {label} the output layer computed logits for {case['positions']} positions of each "
+                           f"row: the answer needs {answer_len + 1} at most. Ask the model for the last ones only "
+                           "(`logits_to_keep=`).")
+        if abs(value - want) <= 1e-4 * max(1.0, abs(want)):
+            continue
+        if abs(value - case["misaligned"]) <= 1e-4 * max(1.0, abs(value)):
+            return False, (f"on {label} it returns {value:.4f}, not {want:.4f}: the logits at position t predict "
+                           "token t + 1, so the answer's tokens are scored by the logits one position earlier "
+                           "(keep one more position and drop the last).")
+        if abs(value - want * answer_len * rows) <= 1e-3 * abs(value):
+            return False, (f"on {label} it returns the summed loss {value:.4f}: return the mean over the answer's "
+                           "tokens.")
+        return False, f"on {label} it returns {value:.4f}, not {want:.4f}."
+    return True, ("the answer's loss equals the full logits' in every case, with logits for at most answer + 1 "
+                  "positions: for a 128-token prompt and a 16-token answer, about 8 x fewer logits.")
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercises 2 and 3: the capstone's tiers — a recipe that fits the budget and learns as much as full
-# fine-tuning (within the bar), proven by measurement
+# Exercise 3: a long-context QLoRA fine-tune of Qwen2.5-7B on an L4
 # ------------------------------------------------------------------------------------------------
-_MEASURED: dict[str, Attempt] = {}  # the last run each exercise's probe made in this process: shown, never judged
+SCENARIO_MODEL, SCENARIO_GPU = "qwen2.5-7b", "L4"
+SCENARIO = Recipe(batch_size=1, seq_len=8192, weights="nf4", double_quant=True, lora_rank=16,
+                  lora_targets="all-linear", gradient_checkpointing=True)
+OPTIONS = {"a": {"loss_chunk": 1024}, "b": {"optimizer": "adamw8bit"}, "c": {"unquantized": "bf16"},
+           "d": {"lora_rank": 4}}
+OPTION_TEXT = {"a": "compute the loss in chunks of 1,024 positions (helpers.loss)",
+               "b": "8-bit AdamW for the adapters",
+               "c": "keep the embedding and output layer in bf16 instead of fp32",
+               "d": "LoRA rank 4 instead of 16"}
 
 
-def _probe(key: str, recipe, workload: Workload) -> dict:
-    from .. import capstone
+def _scenario_context() -> dict:
+    from ..models import reference_config
+    from ..planner import GPUS
 
-    capstone.course_corpus.cache_clear()  # a corpus read afresh: nothing a notebook altered
-    _MEASURED.pop(key, None)
-    try:
-        run = attempt(recipe, workload, reference=False)
-    except RecipeError as err:
-        return {"error": str(err)}
-    except BaseException as err:  # noqa: BLE001 (whatever the recipe's code raised: feedback, not an escape)
-        return {"error": f"your recipe could not be run ({type(err).__name__}: {str(err)[:300]})."}
-    _MEASURED[key] = run
-    return run.facts()
+    return {"dims": Dims.of(reference_config(SCENARIO_MODEL)), "budget": GPUS[SCENARIO_GPU].budget}
 
 
-def probe_recipe(recipe, workload: Workload = WORKLOAD) -> dict:
-    """Run the referee (``helpers.capstone.attempt``) on ``recipe`` and return what it measured, as plain data:
-    every step's peak by category (bytes) and time, perplexities, the referee's findings, or the error."""
-    return _probe("fit_the_budget", recipe, workload)
+def scenario_peaks(dims, budget: int | None = None) -> dict[str, float]:
+    """Predicted peak (bytes) of the scenario and of each option."""
+    d = Dims.of(dims)
+    return {"before": predict(d, SCENARIO).peak, **{k: predict(d, SCENARIO.but(**v)).peak for k, v in OPTIONS.items()}}
 
 
-def probe_tight_recipe(recipe, workload: Workload = TIGHT_WORKLOAD) -> dict:
-    """The same run as ``probe_recipe`` (the tiers share the job; only the judge's budget differs)."""
-    return _probe("fit_the_tight_budget", recipe, workload)
-
-
-def measured(name: str) -> Attempt | None:
-    """The run the check of exercise ``name`` last made in this notebook (None before any, or when the recipe could
-    not be run), with the lesson's reference attached: for the lesson's tables. Grading never reads it."""
-    run = _MEASURED.get(name)
-    if run is None:
-        return None
-    tier = TIGHT_WORKLOAD if name == "fit_the_tight_budget" else WORKLOAD
-    return dataclasses.replace(run, workload=tier, reference=load_reference(tier))
-
-
-def _reference(workload: Workload):
-    """The judge's own inputs: the tier's job and budget, and the shipped reference run of that job."""
-    return lambda: {"workload": workload, "reference": load_reference(workload)}
-
-
-def _facts(data) -> dict:
-    """The probe's data, checked for shape (AnswerError when it is not what the referee reports)."""
-    if not isinstance(data, dict):
-        raise AnswerError("the check's run of your recipe reported nothing it could read.")
-    if data.get("error") is not None:
-        return {"error": str(data["error"])}
-    steps = data.get("steps")
-    problems = data.get("problems")
-    if not isinstance(steps, list) or not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
-        raise AnswerError("the check's run of your recipe reported nothing it could read.")
-    checked = []
-    for step in steps:
-        if not isinstance(step, dict):
-            raise AnswerError("the check's run of your recipe reported nothing it could read.")
-        row = {c: as_number(step.get(c), f"bytes of {c}") for c in CATEGORIES}
-        if min(row.values()) < 0:
-            raise AnswerError("the check's run of your recipe reported negative memory.")
-        checked.append(row)
-    ppl_end = data.get("ppl_end")
-    if ppl_end is not None and type(ppl_end) not in (int, float):  # nan or inf: a run that diverged (judge says so)
-        raise AnswerError("the check's run of your recipe reported no perplexity it could read.")
-    return {"steps": checked, "problems": problems, "ppl_start": as_number(data.get("ppl_start"), "a perplexity"),
-            "ppl_end": None if ppl_end is None else float(ppl_end),
-            "seconds_per_step": as_number(data.get("seconds_per_step", 0.0), "seconds")}
-
-
-def _reference_of(reference) -> dict:
-    if not isinstance(reference, dict):
-        raise AnswerError("the check has no reference run to judge against.")
-    return {"ppl_pretrained": as_number(reference.get("ppl_pretrained"), "the pretrained perplexity"),
-            "ppl_full_finetune": as_number(reference.get("ppl_full_finetune"), "the full fine-tune's perplexity"),
-            "naive_peak": as_number(reference.get("naive_peak"), "the naive run's peak")}
-
-
-@exercise("fit_the_budget", points=3, lesson=LESSON, context=_reference(WORKLOAD), probe=probe_recipe, kind="code")
-def fit_the_budget(data, workload: Workload, reference: dict):
-    """What the referee measured, judged against the first tier's budget (500 MiB) and the quality bar."""
-    return judge(_facts(data), workload, _reference_of(reference))
-
-
-@exercise("fit_the_tight_budget", points=2, lesson=LESSON, context=_reference(TIGHT_WORKLOAD),
-          probe=probe_tight_recipe, kind="code")
-def fit_the_tight_budget(data, workload: Workload, reference: dict):
-    """The same, against the second tier's budget (220 MiB) and the same quality bar."""
-    return judge(_facts(data), workload, _reference_of(reference))
+@exercise("fix_the_long_context_run", lesson=LESSON, context=_scenario_context, kind="diagnose")
+def fix_the_long_context_run(answer, dims, budget: int):
+    """One letter of ``OPTIONS``: the one change whose predicted peak fits the card's usable memory."""
+    d = Dims.of(dims)
+    if not isinstance(answer, str) or answer.strip().lower().strip("()") not in OPTIONS:
+        raise AnswerError(f"give one letter, one of {', '.join(OPTIONS)}.")
+    letter = answer.strip().lower().strip("()")
+    peaks = scenario_peaks(d)
+    before, after = predict(d, SCENARIO), predict(d, SCENARIO.but(**OPTIONS[letter]))
+    loss = loss_bytes(d, SCENARIO.batch_size, SCENARIO.seq_len)
+    where = (f"({letter}) predicted peak {after.peak / GiB:,.2f} GiB against {budget / GiB:,.2f} GiB usable "
+             f"(before: {before.peak / GiB:,.2f})")
+    if after.peak <= budget:
+        others = ", ".join(f"({k}) {peaks[k] / GiB:,.1f}" for k in OPTIONS if k != letter)
+        return True, (f"{where}. The loss held {loss / GiB:,.1f} GiB at the start of backward (3 x 8,192 tokens x "
+                      f"{d.vocab:,} x 4 bytes), beside {before.weights / GiB:,.1f} GiB of weights. In chunks, one "
+                      f"chunk's logits are alive at a time. The other options peak at (GiB) {others}.")
+    if letter == "b":
+        why = "the adapters' moments are a few hundred MiB; they were never the problem"
+    elif letter == "c":
+        why = "it saves the unquantized embedding's and output layer's half, but the loss is still whole"
+    else:
+        why = "fewer adapter parameters shrink gradients and moments a little; the activations stay"
+    return False, (f"{where}, still {(after.peak - budget) / GiB:,.2f} GiB over: {why}. Which category is the "
+                   "largest at the start of backward, and which term of it grows with the vocabulary?")
