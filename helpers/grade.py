@@ -290,6 +290,17 @@ def _human(n: int) -> str:
 
 
 @functools.cache
+def _extension_build_dirs() -> list[Path]:
+    """Directories of C++ extensions that a course library builds inside its own package (see Workspace)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("optimum.quanto")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    extension = Path(spec.submodule_search_locations[0]) / "library" / "extensions" / "cpp"  # sources and build/
+    return [extension] if extension.is_dir() else []
+
+
 def bubblewrap() -> str | None:
     """The ``bwrap`` program if it is installed and works here (it needs user namespaces), else None."""
     program = shutil.which("bwrap")
@@ -328,6 +339,15 @@ class Workspace:
         self.run = self.root / "run"
         self.run.mkdir()
         self.sandbox = sandbox
+        # Libraries that build a C++ extension into their own package directory on first use, and take a lock file
+        # there on every use (optimum-quanto's CPU kernels: lesson 11's quantized cache): each submission gets its
+        # own writable copy of that directory, mounted over it, so the read-only sandbox can load it and nothing a
+        # submission writes there reaches the next one.
+        self.writable_copies = []
+        for build in _extension_build_dirs():
+            copy = self.root / "extensions" / str(len(self.writable_copies))
+            shutil.copytree(build, copy, ignore=shutil.ignore_patterns("__pycache__", "lock"))
+            self.writable_copies.append((copy, build))
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` as it runs for a submission: inside bubblewrap (read-only filesystem but the working
@@ -338,6 +358,7 @@ class Workspace:
         return [bubblewrap(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
                 "--ro-bind", str(self.course), str(self.course), "--bind", str(self.work), str(self.work),
                 "--bind", str(self.run), str(self.run),
+                *(arg for copy, build in self.writable_copies for arg in ("--bind", str(copy), str(build))),
                 "--unsetenv", "JPY_PARENT_PID",  # its parent is invisible from the PID namespace
                 "--unshare-pid", "--unshare-net", "--die-with-parent", "--chdir", str(self.work), "--", *argv]
 

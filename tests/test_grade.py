@@ -496,3 +496,21 @@ def test_measured_context_comes_from_the_solution_not_the_submission(tmp_path, m
     assert rows["faked"].points == {"smallest_within_5_percent": 0.0}, rows["faked"].reasons
     assert "more than 5 % above" in " ".join(rows["faked"].reasons)
     assert rows["right"].points == {"smallest_within_5_percent": 1.0}, rows["right"].reasons
+
+
+def test_a_library_that_builds_into_its_package_gets_a_private_writable_copy_in_the_sandbox():
+    """optimum-quanto takes a lock file in its own package directory on every use (lesson 11): read-only, that
+    is an OSError. Each submission gets a copy mounted over it; the installed package is never written."""
+    dirs = grade._extension_build_dirs()
+    if not dirs:
+        pytest.skip("optimum-quanto is not installed")
+    workspace = grade.Workspace(True)
+    try:
+        argv = workspace.command(["true"])
+        (copy, target), = workspace.writable_copies
+        assert target == dirs[0] and copy.is_relative_to(workspace.root) and (copy / "unpack.cpp").is_file()
+        i = argv.index(str(copy))
+        assert argv[i - 1:i + 2] == ["--bind", str(copy), str(target)]
+        assert argv.index("--bind", argv.index(str(workspace.run))) < i  # after the read-only root it overrides
+    finally:
+        workspace.close()
