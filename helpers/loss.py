@@ -63,9 +63,15 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None,
     ``chunked_causal_lm_loss``: the same number, without the batch's logits."""
     if chunk is None:
         return model(**batch, use_cache=False, num_items_in_batch=num_items_in_batch).loss
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 use_cache=False).last_hidden_state
-    return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"], chunk, num_items_in_batch)
+    return chunked_causal_lm_loss(last_hidden_states(model, batch), model.get_output_embeddings(), batch["labels"],
+                                  chunk, num_items_in_batch)
+
+
+def last_hidden_states(model, batch: dict) -> torch.Tensor:
+    """The decoder's output for ``batch``: what the output layer would turn into logits (the decoder of a causal
+    LM, or of the one inside a PEFT model)."""
+    return model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                               use_cache=False).last_hidden_state
 
 
 def fused_linear_cross_entropy(model, batch: dict) -> torch.Tensor | None:
@@ -75,8 +81,7 @@ def fused_linear_cross_entropy(model, batch: dict) -> torch.Tensor | None:
     if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
         return None  # an optional package for CUDA machines: not part of the course's CPU install
     liger = importlib.import_module("liger_kernel.transformers")
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 use_cache=False).last_hidden_state
+    hidden = last_hidden_states(model, batch)
     targets = next_token_targets(batch["labels"])
     head = model.get_output_embeddings()
     return liger.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(head.weight, hidden.flatten(0, 1),
