@@ -389,6 +389,17 @@ def learner_call(fn, *args, **kwargs) -> tuple[bool, object]:
         return False, f"{type(err).__name__}: {str(err)[:200]}"
 
 
+def choice(answer, options) -> str:
+    """The letter of ``options`` a multiple-choice answer names ("b", " (B) ", "b."), or an AnswerError."""
+    letters = ", ".join(f"'{k}'" for k in options)
+    if not isinstance(answer, str):
+        raise AnswerError(f"give one letter as a string: one of {letters}.")
+    letter = answer.strip().lower().strip("()[].: ")
+    if letter not in options:
+        raise AnswerError(f"you said {answer[:40]!r}: give one letter, one of {letters}.")
+    return letter
+
+
 def close(value: float, target: float, rel: float) -> bool:
     return abs(value - target) <= rel * abs(target)
 

@@ -138,12 +138,13 @@ def block_activations(data, dims, batch_size: int = ACT_BATCH, seq_len: int = AC
 # ------------------------------------------------------------------------------------------------
 def _backward_start(d, recipe) -> int:
     """Weights + optimizer state + what is alive when backward starts (no gradients yet)."""
-    from ..estimate import block_activation_bytes, predict, weight_bytes
+    from ..estimate import block_activation_bytes, loss_bytes, predict, weight_bytes
 
     n = recipe.batch_size * recipe.seq_len
     saved = d.layers * n * d.hidden * 4 if recipe.gradient_checkpointing else d.layers * block_activation_bytes(d, n)
     full = predict(d, recipe)
-    return weight_bytes(d, recipe) + full.optimizer + saved + 3 * n * d.hidden * 4 + 3 * n * d.vocab * 4
+    loss = loss_bytes(d, recipe.batch_size, recipe.seq_len)
+    return weight_bytes(d, recipe) + full.optimizer + saved + 3 * n * d.hidden * 4 + loss
 
 
 @exercise("checkpointed_peak", lesson=LESSON, context=_course_context, kind="predict", tolerance=PEAK_TOLERANCE)

@@ -7,8 +7,8 @@ same values; tests/test_checks_lesson07.py holds them together) and ``helpers.es
 
 from __future__ import annotations
 
-from ..checks import AnswerError, as_number, close, exercise, human_bytes, ratio_hint
-from ..estimate import Dims, Recipe, predict
+from ..checks import AnswerError, as_number, choice, close, exercise, human_bytes, ratio_hint
+from ..estimate import Dims, Recipe, loss_bytes, predict
 from ..planner import USABLE
 
 LESSON = "07_gradient_accumulation"
@@ -222,22 +222,12 @@ def oom_reports(dims, recipe: Recipe, options: dict) -> dict:
     return {letter: predict(dims, recipe.but(**changes)) for letter, changes in options.items()}
 
 
-def _choice(answer, options: dict) -> str:
-    letters = ", ".join(f"'{k}'" for k in options)
-    if not isinstance(answer, str):
-        raise AnswerError(f"give one letter as a string: one of {letters}.")
-    letter = answer.strip().lower().strip("()[].: ")
-    if letter not in options:
-        raise AnswerError(f"you said {answer[:40]!r}: give one letter, one of {letters}.")
-    return letter
-
-
 def _what_changed(changes: dict, base, after, dims, recipe: Recipe) -> str:
     """What the option does to the breakdown, in this run's numbers (GiB)."""
     def g(x):
         return f"{x / GiB:,.2f}"
 
-    logits = 3 * recipe.batch_size * recipe.seq_len * dims.vocab * 4  # fp32 logits, log-softmax and gradient
+    logits = loss_bytes(dims, recipe.batch_size, recipe.seq_len)  # fp32 log-softmax and two gradients
     if changes.get("gradient_accumulation_steps", 1) > 1:
         rows = changes.get("batch_size", recipe.batch_size)
         return (f"one micro-batch of {rows} row{'s' if rows != 1 else ''} is alive at a time: the "
@@ -272,7 +262,7 @@ def diagnose_out_of_memory(answer, dims, recipe: Recipe, budget: int, options: d
     """One letter of ``options``: the change whose predicted peak fits ``budget`` bytes. Each wrong option's
     feedback says, with this run's numbers, what it shrinks and why that is not enough."""
     d = Dims.of(dims)
-    letter = _choice(answer, options)
+    letter = choice(answer, options)
     base = predict(d, recipe)
     reports = oom_reports(d, recipe, options)
     after = reports[letter]

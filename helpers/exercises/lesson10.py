@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..checks import AnswerError, as_number, exercise, human_bytes, learner_call, plain, ratio_hint
+from ..checks import AnswerError, as_number, choice, exercise, human_bytes, learner_call, plain, ratio_hint
 from ..estimate import Dims, Recipe, loss_bytes, predict
 
 LESSON = "10_logits_and_the_loss"
@@ -81,21 +81,17 @@ def _case_batch(rows: int, positions: int, vocab: int, seed: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def reference_answer_loss(model, batch: dict, answer_len: int) -> float:
+def reference_answer_losses(model, batch: dict, answer_len: int) -> tuple[float, float]:
     """The mean next-token loss over the last ``answer_len`` tokens of every row, from all the logits (slow and
-    large, but plainly right): what the learner's cheaper function must return."""
+    large, but plainly right): what the learner's cheaper function must return; and the same tokens scored by the
+    logits at their own positions, one too late (the off-by-one the check names)."""
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits.float()
-    ids = batch["input_ids"]
-    predicted_by = logits[:, -answer_len - 1:-1]  # position t predicts token t + 1
-    return float(F.cross_entropy(predicted_by.flatten(0, 1), ids[:, -answer_len:].flatten()))
+    answer = batch["input_ids"][:, -answer_len:].flatten()
 
-
-def _misaligned_loss(model, batch: dict, answer_len: int) -> float:
-    with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits.float()
-    ids = batch["input_ids"]
-    return float(F.cross_entropy(logits[:, -answer_len:].flatten(0, 1), ids[:, -answer_len:].flatten()))
+    def loss(scores):
+        return float(F.cross_entropy(scores.flatten(0, 1), answer))
+    return loss(logits[:, -answer_len - 1:-1]), loss(logits[:, -answer_len:])  # position t predicts token t + 1
 
 
 def _positions(seen: list, _module, args) -> None:
@@ -116,9 +112,9 @@ def probe_answer_loss(fn) -> list[dict]:
             value = plain(result) if ok else None
         except AnswerError as err:
             ok, result, value = False, f"its result cannot be read: {err}", None
+        want, misaligned = reference_answer_losses(model, batch, answer_len)
         out.append({"error": None if ok else str(result), "value": value, "positions": max(seen, default=0),
-                    "calls": len(seen), "want": reference_answer_loss(model, batch, answer_len),
-                    "misaligned": _misaligned_loss(model, batch, answer_len)})
+                    "calls": len(seen), "want": want, "misaligned": misaligned})
     return out
 
 
@@ -178,26 +174,29 @@ def _scenario_context() -> dict:
     return {"dims": Dims.of(reference_config(SCENARIO_MODEL)), "budget": GPUS[SCENARIO_GPU].budget}
 
 
-def scenario_peaks(dims, budget: int | None = None) -> dict[str, float]:
-    """Predicted peak (bytes) of the scenario and of each option."""
+def scenario_reports(dims) -> dict:
+    """The predicted breakdown of the scenario ("before") and of each option."""
     d = Dims.of(dims)
-    return {"before": predict(d, SCENARIO).peak, **{k: predict(d, SCENARIO.but(**v)).peak for k, v in OPTIONS.items()}}
+    return {"before": predict(d, SCENARIO), **{k: predict(d, SCENARIO.but(**v)) for k, v in OPTIONS.items()}}
+
+
+def scenario_peaks(dims) -> dict[str, float]:
+    """Predicted peak (bytes) of the scenario and of each option."""
+    return {k: report.peak for k, report in scenario_reports(dims).items()}
 
 
 @exercise("fix_the_long_context_run", lesson=LESSON, context=_scenario_context, kind="diagnose")
 def fix_the_long_context_run(answer, dims, budget: int):
     """One letter of ``OPTIONS``: the one change whose predicted peak fits the card's usable memory."""
     d = Dims.of(dims)
-    if not isinstance(answer, str) or answer.strip().lower().strip("()") not in OPTIONS:
-        raise AnswerError(f"give one letter, one of {', '.join(OPTIONS)}.")
-    letter = answer.strip().lower().strip("()")
-    peaks = scenario_peaks(d)
-    before, after = predict(d, SCENARIO), predict(d, SCENARIO.but(**OPTIONS[letter]))
+    letter = choice(answer, OPTIONS)
+    reports = scenario_reports(d)
+    before, after = reports["before"], reports[letter]
     loss = loss_bytes(d, SCENARIO.batch_size, SCENARIO.seq_len)
     where = (f"({letter}) predicted peak {after.peak / GiB:,.2f} GiB against {budget / GiB:,.2f} GiB usable "
              f"(before: {before.peak / GiB:,.2f})")
     if after.peak <= budget:
-        others = ", ".join(f"({k}) {peaks[k] / GiB:,.1f}" for k in OPTIONS if k != letter)
+        others = ", ".join(f"({k}) {reports[k].peak / GiB:,.1f}" for k in OPTIONS if k != letter)
         return True, (f"{where}. The loss held {loss / GiB:,.1f} GiB at the start of backward (3 x 8,192 tokens x "
                       f"{d.vocab:,} x 4 bytes), beside {before.weights / GiB:,.1f} GiB of weights. In chunks, one "
                       f"chunk's logits are alive at a time. The other options peak at (GiB) {others}.")
