@@ -23,7 +23,7 @@ A check has two halves, so that a grade can be computed by code the answer never
    against the lesson's own measurements (``measured=(...)``): a notebook passes them to ``check``;
    the batch grader takes them from its own run of the solution notebook instead.
 
-In a notebook both halves run in the learner's process. The batch grader (``helpers.grade``) runs the
+In a notebook both halves run in the learner's process. The batch grader (``helpers.tools.grade``) runs the
 first half in the submission's sandboxed kernel (the probe in a separate short-lived process) and the
 second in its own process.
 

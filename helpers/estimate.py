@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .memory import CATEGORIES, MemoryReport
+from .memory_report import CATEGORIES, MemoryReport
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 QUANTIZED = ("int8", "nf4", "fp4")
@@ -554,7 +554,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
 
     name, (grads, acts) = max(phases.items(), key=lambda kv: kv[1][0] + kv[1][1])
     report = MemoryReport(weights=w, gradients=grads, optimizer=state, activations=acts, device=recipe.device)
-    report.result = name  # which moment of the step is the peak
+    report.moment = name
     return report
 
 

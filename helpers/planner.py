@@ -54,10 +54,10 @@ import numbers
 from dataclasses import dataclass, field, replace
 from functools import cache
 
+from .constants import GiB
 from .estimate import Dims, Recipe, predict
-from .memory import CATEGORIES, LABELS, MemoryReport
+from .memory_report import CATEGORIES, LABELS, MemoryReport
 
-GiB = 2**30
 USABLE = 0.90  # the share of a card's label the planner budgets (see the module docstring)
 LORA_RANK = 16  # lora=True: rank 16 on every linear layer, the QLoRA paper's targets
 TECHNIQUES = ("weights", "unquantized", "autocast", "lora", "gradient_checkpointing", "optimizer",
@@ -125,7 +125,7 @@ def largest_batch(config, recipe: Recipe, budget_bytes: float, max_batch: int = 
     first = predict(config, recipe.but(batch_size=1))
     if first.peak > budget_bytes:
         raise ValueError(
-            f"even batch 1 does not fit: its predicted peak is {_gib(first.peak)} (at {first.result}), "
+            f"even batch 1 does not fit: its predicted peak is {_gib(first.peak)} (at {first.moment}), "
             f"above the budget of {_gib(budget_bytes)}. Weights {_gib(first.weights)}, gradients "
             f"{_gib(first.gradients)}, optimizer state {_gib(first.optimizer)} and activations "
             f"{_gib(first.activations)} at that moment: shorten seq_len (now {recipe.seq_len}), turn on "
@@ -172,7 +172,7 @@ class Plan:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{LABELS[c]} {getattr(self.report, c) / GiB:,.2f}" for c in CATEGORIES)
-        moment = f" at {self.report.result}" if self.report.result else ""  # which moment of the step
+        moment = f" at {self.report.moment}" if self.report.moment else ""  # which moment of the step
         verdict = (f"fits, {self.headroom / GiB:,.2f} GiB to spare" if self.fits
                    else f"does not fit, {-self.headroom / GiB:,.2f} GiB over")
         text = (f"{self.model} on {self.gpu}: batch {self.batch_size} x {self.seq_len:,} tokens, {self.label}. "

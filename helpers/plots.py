@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .memory import CATEGORIES, LABELS, MiB
+from .constants import MiB
+from .memory_report import CATEGORIES, LABELS
 
 COLOURS = {"weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
 

@@ -2,11 +2,11 @@
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.constants import ROOT
+
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download from a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

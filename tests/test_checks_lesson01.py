@@ -11,6 +11,7 @@ from casebook import COURSE, assert_grades, assert_no_points, grade, liar, regis
 from transformers import BitsAndBytesConfig
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Dims, Recipe, rotary_buffer_bytes, weight_bytes
 from helpers.exercises import lesson01
 from helpers.exercises.lesson01 import footprint_terms
@@ -240,9 +241,8 @@ def test_trusted_context_is_the_course_config():
 
 
 def test_solution_check_calls_pass_no_learner_numbers():
-    from pathlib import Path
 
-    nb = nbformat.read(Path(__file__).resolve().parents[1] / "solutions" / "01_loading_in_8bit_and_4bit.ipynb", 4)
+    nb = nbformat.read(ROOT / "solutions" / "01_loading_in_8bit_and_4bit.ipynb", 4)
     calls = [c.source for c in nb.cells if c.cell_type == "code" and c.source.lstrip().startswith("check(")]
     assert calls == ['check("smallest_within_5_percent", smallest_ok, results=results)',
                      'check("nf4_footprint", nf4_bytes)', 'check("qlora_quantization_config", qlora_config)']

@@ -3,7 +3,6 @@ wrong or cheating answers (functions that tamper, lie, crash or only work for on
 
 import re
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -11,12 +10,13 @@ import torch
 from casebook import COURSE, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Dims, Recipe, trainable_tensors
 from helpers.exercises import lesson02
 from helpers.models import reference_config, tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
-SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "02_freezing_parameters.ipynb"
+SOLUTION = ROOT / "solutions" / "02_freezing_parameters.ipynb"
 
 
 def test_every_registered_exercise_has_a_test():

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Dims, Recipe, block_activation_bytes, predict
 from helpers.exercises import lesson03
 from helpers.exercises.lesson03 import checkpoint_flops, toy_stack
@@ -180,7 +181,7 @@ def test_checkpointed_peak_at_the_course_batch_is_the_start_of_backward():
     tolerance while the batch-4 peak printed above it is not."""
     recipe = Recipe(batch_size=PEAK_BATCH, seq_len=128, gradient_checkpointing=True)
     peak = predict(COURSE, recipe)
-    assert peak.result == "backward start"
+    assert peak.moment == "backward start"
     b1 = predict(COURSE, Recipe(batch_size=1, seq_len=128))
     assert peak.peak > 1.05 * b1.peak
     n = PEAK_BATCH * 128
@@ -242,9 +243,8 @@ def test_the_notebook_agrees_with_the_lessons_constants():
 
 
 def lesson03_solution():
-    from pathlib import Path
 
-    return Path(__file__).resolve().parents[1] / "solutions" / "03_gradient_checkpointing.ipynb"
+    return ROOT / "solutions" / "03_gradient_checkpointing.ipynb"
 
 
 # ------------------------------------------------------------------------------------------------

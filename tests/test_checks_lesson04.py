@@ -5,7 +5,6 @@ import copy
 import gc
 import inspect
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -14,11 +13,12 @@ from casebook import COURSE, assert_grades, fails, grade, registered
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, run_check
+from helpers.constants import ROOT
 from helpers.exercises import lesson04
 
 pytestmark = pytest.mark.usefixtures("lenient_checks", "one_thread")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "04_lora.ipynb"
+SOLUTION = ROOT / "solutions" / "04_lora.ipynb"
 
 
 def lora(r, targets=ATTENTION, task="CAUSAL_LM", **kw):

@@ -2,7 +2,6 @@
 gives no points to plausible slips or to cheats (red team)."""
 
 import math
-from pathlib import Path
 
 import nbformat
 import pandas as pd
@@ -11,6 +10,7 @@ from casebook import COURSE, assert_grades, fails, grade, registered
 from peft import LoraConfig
 
 from helpers.checks import EXERCISES, FAIL, run_check
+from helpers.constants import ROOT
 from helpers.estimate import (
     LINEAR_NAMES,
     Dims,
@@ -25,7 +25,7 @@ from helpers.exercises.lesson05 import most_trainable
 from helpers.models import reference_config
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
-SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "05_qlora.ipynb"
+SOLUTION = ROOT / "solutions" / "05_qlora.ipynb"
 QLORA = Recipe(batch_size=1, seq_len=256, weights="nf4", double_quant=True, unquantized="bf16",
                gradient_checkpointing=True)
 

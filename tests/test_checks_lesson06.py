@@ -2,7 +2,6 @@
 and wrong or cheating answers never get points."""
 
 import math
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -11,14 +10,15 @@ import torch
 from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Dims, Recipe, predict
 from helpers.exercises.lesson06 import CROSSOVER_MODEL, SEQ_LEN, autocast_crossover, largest_safe_scale
 from helpers.models import reference_config
-from helpers.notebooks import solution_regions
+from helpers.tools.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "06_mixed_precision.ipynb"
+NOTEBOOK = ROOT / "solutions" / "06_mixed_precision.ipynb"
 NAMES = ["autocast_copy_bytes", "largest_loss_scale", "autocast_pays_from_batch"]
 GRADIENT = 3.2  # a measured largest gradient: the largest safe scale is 2^14
 KINDS = {"largest_loss_scale": "calculate", "autocast_copy_bytes": "predict", "autocast_pays_from_batch": "calculate"}

@@ -2,7 +2,6 @@
 and wrong or cheating answers never get points."""
 
 import ast
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Dims, Recipe, predict
 from helpers.exercises import lesson07
 from helpers.exercises.lesson07 import (
@@ -29,12 +29,12 @@ from helpers.exercises.lesson07 import (
     split_for_budget,
 )
 from helpers.models import reference_config
-from helpers.notebooks import solution_regions
 from helpers.planner import USABLE
+from helpers.tools.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "07_gradient_accumulation.ipynb"
+NOTEBOOK = ROOT / "solutions" / "07_gradient_accumulation.ipynb"
 NAMES = ["num_items_in_batch", "accumulation_peak", "micro_batch_for_budget", "diagnose_out_of_memory"]
 KINDS = {"num_items_in_batch": ("predict", 0.0), "accumulation_peak": ("predict", PEAK_TOLERANCE),
          "micro_batch_for_budget": ("calculate", 0.0), "diagnose_out_of_memory": ("diagnose", 0.0)}

@@ -2,7 +2,6 @@
 and wrong or cheating answers never get points."""
 
 import ast
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -12,13 +11,14 @@ import torch
 from casebook import COURSE, TINY, FrameReader, assert_grades, assert_no_points, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
+from helpers.constants import ROOT
 from helpers.estimate import Recipe, optimizer_state_bytes, predict, trainable_params, trainable_tensor_shapes
 from helpers.exercises.lesson08 import OPTIMIZERS, bytes_per_parameter
-from helpers.notebooks import solution_regions
+from helpers.tools.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "08_optimizers.ipynb"
+NOTEBOOK = ROOT / "solutions" / "08_optimizers.ipynb"
 NAMES = ["adafactor_state_bytes", "full_finetune_bytes_per_parameter", "optimizer_for_budget"]
 
 

@@ -5,7 +5,6 @@ import ast
 import copy
 import dataclasses
 import json
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -14,6 +13,9 @@ import torch
 from casebook import COURSE, FrameReader, assert_grades, assert_no_points, check_calls, grade, liar, registered
 
 from helpers.checks import EXERCISES, FAIL, PASS, run_check
+from helpers.constants import ROOT
+from helpers.distributed.launch import WORLD_SIZE, zero_model_states
+from helpers.distributed.worker import deepspeed_config
 from helpers.estimate import Dims
 from helpers.exercises.lesson09 import (
     CONFIG_SCENARIO,
@@ -25,14 +27,11 @@ from helpers.exercises.lesson09 import (
     fitting_stage,
 )
 from helpers.models import reference_config
-from helpers.notebooks import solution_regions
 from helpers.planner import USABLE
-from helpers.shard_worker import deepspeed_config
-from helpers.sharding import WORLD_SIZE, zero_model_states
+from helpers.tools.notebooks import solution_regions
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "solutions" / "09_sharding.ipynb"
 NAMES = ["zero_stage_choice", "zero2_optimizer_bytes", "zero2_offload_config"]
 PSI = 14_769_689_600  # Qwen2.5-14B's parameters as helpers.estimate counts them (helpers/model_configs)

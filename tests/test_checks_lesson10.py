@@ -1,7 +1,6 @@
 """Lesson 10's checks: right answers pass, blanks are "not attempted", plausible mistakes get a specific hint, and
 wrong, lying or cheating answers never get points."""
 
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -20,6 +19,7 @@ from casebook import (
 )
 
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP
+from helpers.constants import ROOT
 from helpers.estimate import Dims, loss_bytes
 from helpers.exercises.lesson10 import OPTIONS, PREDICT_ROWS, PREDICT_SEQ, PREDICT_VOCAB, scenario_peaks
 from helpers.models import reference_config
@@ -27,7 +27,7 @@ from helpers.planner import GPUS
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "10_logits_and_the_loss.ipynb"
+NOTEBOOK = ROOT / "solutions" / "10_logits_and_the_loss.ipynb"
 NAMES = {"loss_bytes_prediction", "answer_only_loss", "fix_the_long_context_run"}
 CONTEXT = {"dims": COURSE}
 WANT = 3 * PREDICT_ROWS * PREDICT_SEQ * PREDICT_VOCAB * 4

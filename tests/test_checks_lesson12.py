@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import threading
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -23,6 +22,7 @@ from transformers import BitsAndBytesConfig
 from helpers import capstone
 from helpers.capstone import SMALLEST_WORKLOAD, TIGHT_WORKLOAD, WORKLOAD, Workload
 from helpers.checks import EXERCISES, FAIL, PASS, SKIP, plain, verdict
+from helpers.constants import ROOT
 from helpers.data import heldout_perplexity
 from helpers.estimate import Dims, Recipe, lora_bytes, predict, rotary_buffer_bytes
 from helpers.exercises import lesson12
@@ -34,8 +34,8 @@ from helpers.train import make_train_step
 
 pytestmark = pytest.mark.usefixtures("lenient_checks")
 
-SOLUTION = Path(__file__).resolve().parents[1] / "solutions" / "12_fit_the_budget.ipynb"
-STUDENT = Path(__file__).resolve().parents[1] / "notebooks" / "12_fit_the_budget.ipynb"
+SOLUTION = ROOT / "solutions" / "12_fit_the_budget.ipynb"
+STUDENT = ROOT / "notebooks" / "12_fit_the_budget.ipynb"
 
 
 def test_every_registered_exercise_has_cases():

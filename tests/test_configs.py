@@ -21,7 +21,8 @@ from unittest import mock
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.constants import ROOT
+
 CONFIGS = ROOT / "configs"
 ACCELERATE_DIR = CONFIGS / "accelerate"
 DEEPSPEED_DIR = CONFIGS / "deepspeed"

@@ -112,10 +112,10 @@ def test_sgd_and_frozen_recipes_within_10_percent(optimizer, blocks):
 
 
 def test_benchmark_subset_on_the_course_model():
-    """Two of ``python -m helpers.benchmark``'s cases, on the real course model: the int8 layers' inputs kept
+    """Two of ``python -m helpers.tools.benchmark``'s cases, on the real course model: the int8 layers' inputs kept
     through checkpointing, and training only the bottom blocks with SGD (the engines' cases run on the tiny model
     in tests/test_sharding.py)."""
-    from helpers.benchmark import TOLERANCE, run
+    from helpers.tools.benchmark import TOLERANCE, run
 
     rows = run(["int8_lora_ckpt", "frozen_bottom2_sgd"])
     assert [r["case"] for r in rows] == ["int8_lora_ckpt", "frozen_bottom2_sgd"]
@@ -316,7 +316,7 @@ def test_gradient_accumulation_within_10_percent_on_tiny_model(b, t, k, ckpt, ti
     measured = measure(step, model=model, optimizer=opt)
     recipe = Recipe(batch_size=b, seq_len=t, gradient_checkpointing=ckpt, gradient_accumulation_steps=k)
     predicted = predict(model.config, recipe)
-    assert "accumulating" in predicted.result and predicted.gradients == measured.gradients
+    assert "accumulating" in predicted.moment and predicted.gradients == measured.gradients
     assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
     assert predicted.peak > predict(model.config, recipe.but(gradient_accumulation_steps=1)).peak
 
@@ -372,7 +372,7 @@ def test_zero_stages_shard_what_the_paper_says():
 
 
 def test_each_engine_adds_its_own_buffers():
-    """The buffers each engine keeps beside the model states, term by term (measured in helpers.benchmark)."""
+    """The buffers each engine keeps beside the model states, term by term (measured in helpers.tools.benchmark)."""
     config = tiny_config()
     d = Dims.of(config)
     one = predict(config, Recipe(batch_size=2, seq_len=16))
@@ -382,7 +382,7 @@ def test_each_engine_adds_its_own_buffers():
     copies = predict(config, Recipe(batch_size=2, seq_len=16, world_size=2))
     # The views are the .grads, all step long; at the end of backward the tied embedding's fresh gradient waits
     # beside its bucket.
-    assert view.gradients == grads + (d.embedding_params * 4 if view.result == "backward end" else 0)
+    assert view.gradients == grads + (d.embedding_params * 4 if view.moment == "backward end" else 0)
     assert view.peak > one.peak
     assert copies.peak == one.peak + grads  # a second copy of every gradient, all step long
     # DeepSpeed allocates its reduction bucket whole: the default 5e8 elements is 2 GB of fp32, whatever the model.

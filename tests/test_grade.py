@@ -1,4 +1,4 @@
-"""The instructor's batch grader (helpers/grade.py), end to end through its command line.
+"""The instructor's batch grader (helpers/tools/grade.py), end to end through its command line.
 
 Two grader runs do the work: one over lesson 00 submissions (the solution, the blank student notebook, a
 student notebook that cheats, and files that are not lesson 00 notebooks at all), one over tiny synthetic
@@ -16,10 +16,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import grade
-from helpers.notebooks import CODE_STUB
+from helpers.constants import LESSON_PATTERN, ROOT
+from helpers.tools import grade
+from helpers.tools.notebooks import CODE_STUB
 
-ROOT = Path(__file__).resolve().parents[1]
 SOLUTION_00 = ROOT / "solutions" / "00_where_the_memory_goes.ipynb"
 STUDENT_00 = ROOT / "notebooks" / "00_where_the_memory_goes.ipynb"
 STUDENT_01 = ROOT / "notebooks" / "01_loading_in_8bit_and_4bit.ipynb"
@@ -46,7 +46,7 @@ def _env():
 
 
 def run_grader(*args, cwd=ROOT, timeout=3000):  # generous: three lesson runs on a busy 2-core machine
-    return subprocess.run([sys.executable, "-m", "helpers.grade", *map(str, args)], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "helpers.tools.grade", *map(str, args)], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -217,7 +217,7 @@ def test_a_loop_that_ignores_the_interrupt_stops_the_kernel(limits):
 # ------------------------------------------------------------------------------------------------
 # The pieces, without a kernel
 # ------------------------------------------------------------------------------------------------
-SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "solutions").glob(LESSON_PATTERN))
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
@@ -244,7 +244,7 @@ def test_the_answer_key_keeps_the_solutions_arguments():
         ("a", "(x, y)", {"n": "n"}), ("b", "z", {})]
 
 
-STUDENTS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+STUDENTS = sorted((ROOT / "notebooks").glob(LESSON_PATTERN))
 
 
 @pytest.mark.parametrize("path", STUDENTS, ids=[p.stem for p in STUDENTS])
@@ -366,7 +366,7 @@ for pid in os.listdir("/proc"):  # or read the grader's command line
         argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
     except OSError:
         continue
-    if b"helpers.grade" in b" ".join(argv) and b"--out" in argv:
+    if b"helpers.tools.grade" in b" ".join(argv) and b"--out" in argv:
         out = argv[argv.index(b"--out") + 1].decode()
 SURVIVOR = ("import os, sys, time\\nos.setsid()\\nos.fork() and os._exit(0)\\ntime.sleep(6)\\n"
             "open(sys.argv[1], 'w').write('forged')")
@@ -402,7 +402,7 @@ RIGHT_02 = [
 def red_team_run(folder: Path, *args, root=ROOT):
     out = folder / "grades.csv"
     env = {**_env(), "RED_TEAM_ROOT": str(root), "RED_TEAM_OUT": str(out), "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-m", "helpers.grade", *map(str, args), "--out", str(out)], cwd=root,
+    result = subprocess.run([sys.executable, "-m", "helpers.tools.grade", *map(str, args), "--out", str(out)], cwd=root,
                             env=env, capture_output=True, text=True, timeout=1200)
     written = out.read_text(encoding="utf-8") if out.exists() else ""
     import time

@@ -104,7 +104,7 @@ def test_gradient_checkpointing_lowers_activations():
 
 def test_model_built_inside_block_counts_as_weights():
     report = measure(lambda: tiny_model())
-    model = report.result
+    model = report.returned
     assert report.weights == storage_bytes(list(model.parameters()) + list(model.buffers()))
 
 

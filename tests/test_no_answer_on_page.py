@@ -5,17 +5,22 @@ The executed solution notebooks record, in each check's output, the answer the c
 them and never execute a notebook. A planted leak in a copy of each lesson must be found."""
 
 import copy
-from pathlib import Path
 
 import nbformat
 import pytest
 from casebook import check_calls
 
 from helpers.checks import EXERCISES, KINDS, _load_lesson_checks
-from helpers.notebooks import PATTERN, _leaves, answers_on_the_page, check_records, exercise_cells, student_version
+from helpers.constants import LESSON_PATTERN, ROOT
+from helpers.tools.notebooks import (
+    _leaves,
+    answers_on_the_page,
+    check_records,
+    exercise_cells,
+    student_version,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-SOLUTIONS = sorted((ROOT / "solutions").glob(PATTERN))
+SOLUTIONS = sorted((ROOT / "solutions").glob(LESSON_PATTERN))
 
 
 def read(path):
@@ -34,7 +39,7 @@ def test_every_check_recorded_what_it_judged(path):
     called = set(check_calls(nb))
     assert called, "the lesson has no exercises"
     assert called <= recorded, (f"{sorted(called - recorded)}: no recorded answer — re-run the solution "
-                                f"(python -m helpers.notebooks execute {path.name[:2]})")
+                                f"(python -m helpers.tools.notebooks execute {path.name[:2]})")
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name[:2])
@@ -77,7 +82,7 @@ def test_a_planted_printed_answer_is_found(path):
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name[:2])
 def test_a_planted_copy_of_a_code_answer_is_found(path):
-    from helpers.notebooks import _code_lines, solution_regions
+    from helpers.tools.notebooks import _code_lines, solution_regions
 
     nb = read(path)
     regions = [(i, text) for i, text in solution_regions(nb, path.name)

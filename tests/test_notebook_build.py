@@ -11,8 +11,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from helpers.colab import REPO_URL, SETUP_CELL, colab_url
-from helpers.notebooks import (
+from helpers.constants import LESSON_PATTERN, ROOT
+from helpers.tools.colab import REPO_URL, SETUP_CELL, colab_url
+from helpers.tools.notebooks import (
     build,
     exercise_cells,
     solution_regions,
@@ -20,9 +21,8 @@ from helpers.notebooks import (
     student_version,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-LESSONS = [path for folder in ("solutions", "notebooks") for path in sorted((ROOT / folder).glob("[0-9][0-9]_*.ipynb"))]
-# Written out here rather than taken from helpers.colab, so a wrong URL in the builder fails the tests.
+LESSONS = [path for folder in ("solutions", "notebooks") for path in sorted((ROOT / folder).glob(LESSON_PATTERN))]
+# Written out here rather than taken from helpers.tools.colab, so a wrong URL in the builder fails the tests.
 BADGE = re.compile(r"\[!\[Open In Colab\]\((?P<image>[^)]+)\)\]\((?P<link>[^)]+)\)")
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
@@ -126,7 +126,7 @@ def test_outputs_counts_and_timing_cleared_the_rest_kept():
 
 
 def test_first_code_cell_is_stamped_with_setup_cell():
-    student = student_version(solution_notebook(setup_source="# old set-up\nfrom helpers.colab import setup"))
+    student = student_version(solution_notebook(setup_source="# old set-up\nfrom helpers.tools.colab import setup"))
     assert student.cells[1].source == SETUP_CELL
     assert student.cells[2].source.startswith("import torch")
 
@@ -213,7 +213,7 @@ def test_build_and_check_report_drift(tmp_path):
 
 def test_build_writes_setup_cell_back_into_the_solution(tmp_path):
     solutions, notebooks = tmp_path / "solutions", tmp_path / "notebooks"
-    old = "from helpers.colab import setup\nsetup()"
+    old = "from helpers.tools.colab import setup\nsetup()"
     source = _write_solution(solutions, "03_lora.ipynb", solution_notebook(setup_source=old))
 
     assert str(source) in build(solutions, notebooks, check=True)
@@ -291,26 +291,26 @@ def test_repo_notebook_opens_its_student_notebook_in_colab(path):
     code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
     assert nb.cells[code[0]].source == SETUP_CELL, "the first code cell is not the set-up cell"
     badges = badge_links(nb)
-    assert len(badges) == 1, f"{len(badges)} Colab badges; run: python -m helpers.notebooks build"
+    assert len(badges) == 1, f"{len(badges)} Colab badges; run: python -m helpers.tools.notebooks build"
     index, image, link = badges[0]
     assert image == BADGE_IMAGE and index == code[0] - 1
-    # its id names the lesson, so cell ids never make two lessons' notebooks look alike (helpers.grade)
+    # its id names the lesson, so cell ids never make two lessons' notebooks look alike (helpers.tools.grade)
     assert nb.cells[index].get("id") == f"colab-badge-{path.name[:2]}"
     assert link == expected_link(path.name), f"the badge opens {link}"
     assert (ROOT / "notebooks" / path.name).is_file()  # what the badge opens exists in the repository
 
 
 def test_badges_command_prints_one_snippet_per_lesson():
-    out = subprocess.run([sys.executable, "-m", "helpers.notebooks", "badges"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "helpers.tools.notebooks", "badges"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.splitlines()
-    solutions = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+    solutions = sorted((ROOT / "solutions").glob(LESSON_PATTERN))
     assert [line.split(": ", 1)[0] for line in out] == [p.stem for p in solutions]
     assert [BADGE.fullmatch(line.split(": ", 1)[1])["link"] for line in out] == [
         expected_link(p.name) for p in solutions]
 
 
 def test_repo_notebooks_in_sync():
-    if not list((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")):
+    if not list((ROOT / "solutions").glob(LESSON_PATTERN)):
         pytest.skip("solutions/ has no lesson notebooks yet")
     drift = build(ROOT / "solutions", ROOT / "notebooks", check=True)
-    assert drift == [], f"out of date: {drift}; run: python -m helpers.notebooks build"
+    assert drift == [], f"out of date: {drift}; run: python -m helpers.tools.notebooks build"

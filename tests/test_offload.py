@@ -47,7 +47,7 @@ def same_outputs(model, saved) -> None:
 
 def test_empty_model_allocates_nothing_and_keeps_the_tie():
     report = measure(lambda: empty_model(tiny_config()), device="cpu")
-    model = report.result
+    model = report.returned
     assert (report.peak, report.after) == (0, 0)
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
     assert model.lm_head.weight is model.model.embed_tokens.weight

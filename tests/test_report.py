@@ -1,4 +1,4 @@
-"""The course report (python -m helpers.report): the headline specs, a failing lesson, a partial run, lesson 00.
+"""The course report (python -m helpers.tools.course_report): headline specs, a failing lesson, a partial run.
 
 The full suite already executes every solution notebook (nbval), so only lesson 00 is run for real here;
 every other lesson's spec is checked statically against its solution notebook.
@@ -13,10 +13,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from helpers import report
+from helpers.constants import LESSON_PATTERN, ROOT
 from helpers.memory import MemoryReport
+from helpers.tools import course_report as report
 
-ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions"
 MiB = 2**20
 
@@ -49,7 +49,7 @@ def test_spec_uses_only_names_its_solution_notebook_binds(lesson):
 
 
 def test_every_lesson_has_a_spec():
-    lessons = sorted(p.name[:2] for p in SOLUTIONS.glob("[0-9][0-9]_*.ipynb"))
+    lessons = sorted(p.name[:2] for p in SOLUTIONS.glob(LESSON_PATTERN))
     assert "12" in lessons and [lesson for lesson in lessons if lesson not in report.SPECS] == []
 
 

@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
+from helpers.distributed.launch import RUNS, LaunchError, command, diagnose, launch, recipe, zero_model_states
 from helpers.estimate import Recipe, model_states, predict
 from helpers.models import tiny_config
-from helpers.sharding import RUNS, LaunchError, command, diagnose, launch, recipe, zero_model_states
 
 TINY = ["--model", "tiny", "--seq-len", "16"]
 
@@ -51,7 +51,7 @@ def test_each_rank_holds_its_predicted_share(reports, name):
 @pytest.mark.parametrize("name", ["single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
 def test_the_largest_rank_peak_is_the_predicted_peak(reports, name):
     """The whole step's peak, with each engine's own buffers (helpers.estimate._shard), on the tiny model. The
-    course model's cases (python -m helpers.benchmark) agree to 0.02 %; on this 0.16 M-parameter model DeepSpeed's
+    course model's cases (python -m helpers.tools.benchmark) agree to 0.02 %; on this 0.16 M-parameter model DeepSpeed's
     7.6 MiB bucket is most of the peak and smaller buffers the predictor does not model (coalesced all-gathers of
     small parameters, the flat copies around ZeRO-1/2's step) move it by up to 7 %: the issue's 10 % holds."""
     measured = max(sum(r["peak"].values()) for r in reports[name])
@@ -206,7 +206,7 @@ def test_recipe_refuses_what_the_predictor_does_not_model():
 
 
 def test_bucket_settings_reach_deepspeed_and_the_predictor(tmp_path):
-    from helpers.shard_worker import deepspeed_config
+    from helpers.distributed.worker import deepspeed_config
 
     spec = RUNS["zero2_buckets"]
     config = deepspeed_config(2, False, 1, **dict(spec.zero))

@@ -3,7 +3,7 @@
 A student notebook is its solution with each solution region replaced by a stub, and nbval already runs
 every solution. So what remains to prove is that no cell after an exercise depends on what the region
 did, which is checked statically for every lesson (the names it binds: ruff F821 on the student
-notebook; anything else it does: ``helpers.notebooks.solution_side_effects``), plus one student
+notebook; anything else it does: ``helpers.tools.notebooks.solution_side_effects``), plus one student
 notebook executed for real (lesson 00's, as the blank submission of tests/test_grade.py). Executing
 every student notebook doubles the suite's run time; set COURSE_RUN_STUDENT_NOTEBOOKS=all to do it anyway
 (before a release, say).
@@ -18,11 +18,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from helpers.notebooks import CODE_STUB, solution_side_effects, student_version
+from helpers.constants import LESSON_PATTERN, ROOT
+from helpers.tools.notebooks import CODE_STUB, solution_side_effects, student_version
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDENT = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+STUDENT = sorted((ROOT / "notebooks").glob(LESSON_PATTERN))
+SOLUTIONS = sorted((ROOT / "solutions").glob(LESSON_PATTERN))
 # Lesson 00's student notebook is executed end to end by tests/test_grade.py (the blank submission: every cell
 # runs, no error but the exercises' NotImplementedError, every check "not attempted"), so not a second time here.
 EXECUTED_BY_DEFAULT: set[str] = set()

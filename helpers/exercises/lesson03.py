@@ -158,7 +158,7 @@ def checkpointed_peak(data, dims, batch_size: int = PEAK_BATCH, seq_len: int = S
     want = predict(d, recipe)
     n = batch_size * seq_len
     if close(value, want.peak, PEAK_TOLERANCE):
-        if want.result == "backward start":
+        if want.moment == "backward start":
             why = ("the start of backward sets it: weights, optimizer state, the blocks' kept inputs and the "
                    "logits-sized tensors of the loss, before any gradient exists")
         else:

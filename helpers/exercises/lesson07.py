@@ -8,12 +8,11 @@ same values; tests/test_checks_lesson07.py holds them together) and ``helpers.es
 from __future__ import annotations
 
 from ..checks import AnswerError, as_number, choice, close, exercise, human_bytes, ratio_hint
+from ..constants import GiB, MiB
 from ..estimate import Dims, Recipe, loss_bytes, predict
 from ..planner import USABLE
 
 LESSON = "07_gradient_accumulation"
-MiB = 2**20
-GiB = 2**30
 
 # Exercise 1: four padded rows of SHORT tokens, one row per micro-batch; LENGTHS are their real tokens (every row
 # padded, and no count equal to one of the lesson's other numbers).

@@ -14,8 +14,8 @@ import logging
 import math
 
 from ..checks import AnswerError, as_number, close, exercise, human_bytes
+from ..distributed.launch import zero_model_states
 from ..planner import USABLE
-from ..sharding import zero_model_states
 
 LESSON = "09_sharding"
 GB = 1e9

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import AnswerError, as_number, choice, exercise, human_bytes, learner_call, plain, ratio_hint
+from ..constants import GiB
 from ..estimate import Dims, Recipe, loss_bytes, predict
 
 LESSON = "10_logits_and_the_loss"
-GiB = 2**30
 
 # Exercise 1: the loss of the course model's hidden size over Mistral 7B's 32,000-token vocabulary, 2 x 128 tokens
 # (the lesson's sweep measures it next).

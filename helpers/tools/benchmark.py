@@ -1,13 +1,13 @@
 """Predicted against measured peak memory, over the recipes the course teaches, at sizes no lesson uses.
 
-    python -m helpers.benchmark                  # every case below: about 7 minutes on a 2-core CPU
-    python -m helpers.benchmark --cases int8_lora int8_lora_ckpt ddp
-    python -m helpers.benchmark --list
+    python -m helpers.tools.benchmark                  # every case below: about 7 minutes on a 2-core CPU
+    python -m helpers.tools.benchmark --cases int8_lora int8_lora_ckpt ddp
+    python -m helpers.tools.benchmark --list
 
 Each case is a ``helpers.estimate.Recipe``. One-process cases build the course model that recipe describes
 (quantized with bitsandbytes, LoRA adapters with peft, frozen blocks, the optimizer it names), run a training
 step once to allocate the optimizer state, then measure the next step with ``helpers.memory``. The two-process
-cases launch lesson 09's engines for real (``helpers.sharding.launch``, the mid-size model) and take the rank
+cases launch lesson 09's engines for real (``helpers.distributed.launch.launch``, the mid-size model) and take the rank
 with the largest peak, which is what must fit. Batch and sequence sizes are odd on purpose: a predictor fitted to
 round sizes would show it here.
 
@@ -22,9 +22,9 @@ import sys
 
 import torch
 
-from .estimate import Recipe, predict
-from .memory import MiB, measure
-from .sharding import recipe as sharding_recipe
+from ..distributed.launch import recipe as sharding_recipe
+from ..estimate import Recipe, predict
+from ..memory import MiB, measure
 
 TOLERANCE = 0.10
 LORA = dict(lora_rank=16, lora_targets="all-linear")
@@ -48,7 +48,7 @@ CASES: dict[str, Recipe] = {
     "full_chunked_loss": Recipe(batch_size=3, seq_len=77, optimizer="sgd", loss_chunk=20),
 }
 # Lesson 09's engines, per rank, on its mid-size model (4 blocks), as its worker runs them
-# (``helpers.sharding.recipe``), at two sizes: 3 rows x 45 tokens per rank, where the step peaks at the end of
+# (``helpers.distributed.launch.recipe``), at two sizes: 3 rows x 45 tokens per rank, where the step peaks at the end of
 # backward (the embedding's gradients), and 2 x 333, where it peaks at the start of backward (the logits). A case is
 # named "<lesson 09 run>@<rows>x<tokens>".
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload")
@@ -60,7 +60,7 @@ SHARDED_LAYERS = 4  # lesson 09's mid-size model
 
 def build(recipe: Recipe):
     """The course model and optimizer ``recipe`` describes: (model, optimizer), ready for ``make_train_step``."""
-    from .models import load_model
+    from ..models import load_model
 
     quantization = None
     if recipe.weights in ("int8", "nf4", "fp4"):
@@ -104,7 +104,7 @@ def make_optimizer(recipe: Recipe, params):
 
 def measure_one_process(recipe: Recipe, corpus) -> int:
     """The measured peak of one steady-state step of ``recipe`` on the course model."""
-    from .train import make_train_step
+    from ..train import make_train_step
 
     model, optimizer = build(recipe)
     k = recipe.gradient_accumulation_steps
@@ -118,7 +118,7 @@ def measure_one_process(recipe: Recipe, corpus) -> int:
 def measure_sharded(names) -> dict[str, int]:
     """Launch the two-process cases ``names`` for real (one launch per launcher and size); each case's largest
     per-rank peak."""
-    from .sharding import RUNS, launch
+    from ..distributed.launch import RUNS, launch
 
     peaks = {}
     groups: dict[tuple, list[str]] = {}
@@ -137,7 +137,7 @@ def measure_sharded(names) -> dict[str, int]:
 def sharded_config():
     from transformers import AutoConfig
 
-    from .models import resolve
+    from ..models import resolve
 
     config = AutoConfig.from_pretrained(resolve())
     config.num_hidden_layers = SHARDED_LAYERS
@@ -148,8 +148,8 @@ def run(names=None) -> list[dict]:
     """Measure and predict the cases ``names`` (all by default); one row each, printed as it comes."""
     from transformers import AutoConfig
 
-    from .data import Corpus
-    from .models import load_tokenizer, resolve
+    from ..data import Corpus
+    from ..models import load_tokenizer, resolve
     names = list(names or CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -167,14 +167,14 @@ def run(names=None) -> list[dict]:
         predicted = predict(mid_size if name in sharded else config, recipe)
         rows.append({"case": name, "recipe": describe(recipe), "predicted": predicted.peak,
                      "measured": measured[name], "error": predicted.peak / measured[name] - 1,
-                     "moment": predicted.result})
+                     "moment": predicted.moment})
         print(_row(rows[-1]), flush=True)
     return rows
 
 
 def describe(recipe: Recipe) -> str:
     """The case's recipe in a few words, with its sizes (per rank for the two-process cases)."""
-    from .planner import describe as words
+    from ..planner import describe as words
 
     return f"{words(recipe).replace(' GPUs', ' ranks')}, {recipe.batch_size} x {recipe.seq_len}"
 

@@ -1,16 +1,16 @@
 """Student notebooks are generated from the solution notebooks: one source of truth per lesson.
 
-    python -m helpers.notebooks build              # regenerate notebooks/NN_*.ipynb from solutions/
-    python -m helpers.notebooks check              # exit 1 if anything drifts (tests and CI)
-    python -m helpers.notebooks execute [03 ...]   # re-run solutions in place (outputs kept), then build
-    python -m helpers.notebooks badges             # the "Open in Colab" badge of each lesson, for README.md
-    python -m helpers.notebooks leaks [03 ...]     # exercises whose answer is on the page above them
+    python -m helpers.tools.notebooks build              # regenerate notebooks/NN_*.ipynb from solutions/
+    python -m helpers.tools.notebooks check              # exit 1 if anything drifts (tests and CI)
+    python -m helpers.tools.notebooks execute [03 ...]   # re-run solutions in place (outputs kept), then build
+    python -m helpers.tools.notebooks badges             # the "Open in Colab" badge of each lesson, for README.md
+    python -m helpers.tools.notebooks leaks [03 ...]     # exercises whose answer is on the page above them
 
 A solution notebook is the finished lesson with its outputs. Solution code sits between a line
 ``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` (the nbgrader convention); markdown answers sit
 between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION -->``. The student version replaces each
 region and clears every output. The first code cell of every notebook is the course set-up cell,
-``SETUP_CELL`` in helpers/colab.py, stamped in here so no lesson can drift from it; just above it sits a
+``SETUP_CELL`` in helpers/tools/colab.py, stamped in here so no lesson can drift from it; just above it sits a
 markdown cell with the lesson's "Open in Colab" badge (``colab_badge``: it opens the *student* notebook
 ``notebooks/NN_x.ipynb`` from GitHub), stamped the same way, so a new lesson gets both from ``build``.
 """
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import nbformat
 
-from helpers.colab import COLAB_BADGE_IMAGE, SETUP_CELL, colab_badge
+from helpers.tools.colab import COLAB_BADGE_IMAGE, SETUP_CELL, colab_badge
 
-ROOT = Path(__file__).resolve().parents[1]
-PATTERN = "[0-9][0-9]_*.ipynb"  # lessons only: scratch notebooks next to them are left alone
+from ..constants import LESSON_PATTERN, ROOT
+
 CODE_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
 MARKDOWN_MARKERS = ("<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->")
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
@@ -44,9 +44,9 @@ MARKDOWN_STUB = ("*Your answer here.*",)
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed")
 SETUP_CELL_ID = "course-setup"  # fixed, so that inserting the set-up cell is deterministic
 # The badge cell's id names its lesson ("colab-badge-04"): an id shared by every lesson would make
-# notebooks of different lessons look alike to anything that compares cell ids (helpers.grade does).
+# notebooks of different lessons look alike to anything that compares cell ids (helpers.tools.grade does).
 BADGE_CELL_ID = "colab-badge"
-HINT = "run: python -m helpers.notebooks build"
+HINT = "run: python -m helpers.tools.notebooks build"
 
 
 def _markers(cell) -> tuple[str, str] | None:
@@ -153,13 +153,13 @@ def solution_side_effects(nb, name: str = "notebook") -> list[str]:
 
 def _is_setup_or_placeholder(source: str) -> bool:
     lines = [line.strip() for line in source.split("\n")]
-    return "helpers.colab" in source or all(not line or line.startswith("#") for line in lines)
+    return "helpers.tools.colab" in source or all(not line or line.startswith("#") for line in lines)
 
 
 def stamp_setup_cell(nb, name: str = "notebook") -> bool:
     """Make the first code cell the course set-up cell, in place; True if anything changed.
 
-    The first code cell is replaced only if it is a set-up cell (an outdated one, using helpers.colab)
+    The first code cell is replaced only if it is a set-up cell (an outdated one, using helpers.tools.colab)
     or a placeholder (nothing but comments); otherwise a set-up cell is inserted before it, so lesson
     code is never overwritten.
     """
@@ -182,7 +182,7 @@ def stamp_setup_cell(nb, name: str = "notebook") -> bool:
 
 def is_lesson(name: str) -> bool:
     """True for a lesson file name (NN_topic.ipynb): only lessons have a student notebook to open in Colab."""
-    return fnmatch(Path(name).name, PATTERN)
+    return fnmatch(Path(name).name, LESSON_PATTERN)
 
 
 def is_badge_cell(cell) -> bool:
@@ -282,7 +282,7 @@ def build(solutions_dir="solutions", notebooks_dir="notebooks", check: bool = Fa
     """
     solutions_dir, notebooks_dir = Path(solutions_dir), Path(notebooks_dir)
     changed = []
-    solutions = sorted(solutions_dir.glob(PATTERN))
+    solutions = sorted(solutions_dir.glob(LESSON_PATTERN))
     for source in solutions:
         nb = _read(source)
         if stamp(nb, source.name):
@@ -298,7 +298,7 @@ def build(solutions_dir="solutions", notebooks_dir="notebooks", check: bool = Fa
                 target.parent.mkdir(parents=True, exist_ok=True)
                 nbformat.write(student, target, version=4)
     names = {source.name for source in solutions}
-    for stale in sorted(notebooks_dir.glob(PATTERN)):
+    for stale in sorted(notebooks_dir.glob(LESSON_PATTERN)):
         if stale.name not in names:
             changed.append(str(stale))
             if not check:
@@ -436,7 +436,7 @@ def answers_on_the_page(solution, student, name: str = "notebook") -> list[str]:
 
 def _select(solutions_dir: Path, names: list[str]) -> list[Path]:
     """Solutions matching NAMES: '03', '03_lora', '03_lora.ipynb' or a path; all of them if none."""
-    every = sorted(solutions_dir.glob(PATTERN))
+    every = sorted(solutions_dir.glob(LESSON_PATTERN))
     if not names:
         return every
     chosen = []
@@ -450,7 +450,7 @@ def _select(solutions_dir: Path, names: list[str]) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.notebooks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.tools.notebooks", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "check", "execute", "badges", "leaks"])
     parser.add_argument("names", nargs="*", help="execute and leaks: lessons, e.g. 03 or 03_lora")
     parser.add_argument("--timeout", type=int, default=900, help="execute only: seconds per cell")
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
         return "\n".join("  " + os.path.relpath(p) for p in paths)
 
     if args.command == "badges":
-        for path in sorted(solutions.glob(PATTERN)):
+        for path in sorted(solutions.glob(LESSON_PATTERN)):
             print(f"{path.stem}: {colab_badge(path.name)}")
         return 0
     if args.command == "leaks":

@@ -1,9 +1,9 @@
 """What every rank of a lesson-09 run executes: a few optimizer steps under one sharding engine, measured.
 
-    torchrun --nproc_per_node 2 -m helpers.shard_worker --runs fsdp --out /tmp/runs
-    deepspeed --num_gpus 2 --module helpers.shard_worker --runs zero1,zero2 --out /tmp/runs
+    torchrun --nproc_per_node 2 -m helpers.distributed.worker --runs fsdp --out /tmp/runs
+    deepspeed --num_gpus 2 --module helpers.distributed.worker --runs zero1,zero2 --out /tmp/runs
 
-``helpers.sharding.launch`` builds these commands; this module is the training script they start. Each rank
+``helpers.distributed.launch.launch`` builds these commands; this module is the training script they start. Each rank
 trains the same model on its own slice of a global batch (rows rank, rank + N, ...), so the mean of the
 ranks' losses is the loss a single process computes on the whole batch, step after step, if the engine is
 right. Each rank measures its own steady-state step (the last one) with ``helpers.memory.Meter``: tensor bytes by
@@ -43,7 +43,7 @@ LR = 1e-3
 
 def build_model(args):
     """The mid-size course model (``--model course``), or the tiny random one unit tests use (``--model tiny``)."""
-    from .models import mid_size_model, tiny_model
+    from ..models import mid_size_model, tiny_model
 
     return tiny_model() if args.model == "tiny" else mid_size_model(args.layers)
 
@@ -61,14 +61,14 @@ def global_batch(rows: int, seq_len: int, step: int, vocab: int | None = None) -
 @functools.cache
 def course_corpus():
     """The course corpus, tokenized once per process (the first 200 k characters: plenty for a few steps)."""
-    from .data import Corpus
-    from .models import load_tokenizer
+    from ..data import Corpus
+    from ..models import load_tokenizer
 
     return Corpus(load_tokenizer(), max_chars=200_000)
 
 
 # DeepSpeed's buffer sizes for these small runs, in elements (its defaults would allocate a 2 GB reduction bucket);
-# ``helpers.sharding.recipe`` gives the predictor the same numbers.
+# ``helpers.distributed.launch.recipe`` gives the predictor the same numbers.
 DEEPSPEED_BUFFERS = {"reduce_bucket_size": 2_000_000, "prefetch_bucket_size": 2_000_000,
                      "param_persistence_threshold": 0}
 
@@ -248,7 +248,7 @@ def model_states(run: Run, step: int) -> tuple[float, dict[str, int]]:
     gradient storage it keeps (the larger of what holds gradients when backward ends — the module's .grad, or
     DeepSpeed's reduced ``averaged_gradients`` — and what the optimizer consumes); the optimizer state once the
     step is done. Storage, not elements: a view keeps its whole buffer alive."""
-    from .memory import tensor_bytes, weight_tensors
+    from ..memory import tensor_bytes, weight_tensors
 
     states = {}
     loss = run.backward(step)
@@ -312,8 +312,8 @@ def load_checkpoint(run: Run, folder: Path, optimizer: bool = True) -> dict:
 
 
 def train_and_measure(args, name: str) -> dict:
-    from .memory import Meter
-    from .sharding import RUNS
+    from ..memory import Meter
+    from .launch import RUNS
 
     spec = RUNS[name]
     t0 = time.perf_counter()
@@ -358,7 +358,7 @@ def train_and_measure(args, name: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", required=True, help="comma-separated names from helpers.sharding.RUNS, or 'single'")
+    p.add_argument("--runs", required=True, help="comma-separated names from launch.RUNS, or 'single'")
     p.add_argument("--model", choices=("course", "tiny"), default="course")
     p.add_argument("--layers", type=int, default=4, help="decoder blocks of the mid-size course model")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per rank (single: rows per rank x ranks)")
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1 (the last step is the measured one)")
-    from .sharding import RUNS
+    from .launch import RUNS
 
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]

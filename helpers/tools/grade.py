@@ -1,6 +1,6 @@
 """Batch grading of submitted lesson notebooks.
 
-    python -m helpers.grade SUBMISSIONS... [--out grades.csv] [--lesson NN]
+    python -m helpers.tools.grade SUBMISSIONS... [--out grades.csv] [--lesson NN]
                             [--cell-timeout 600] [--submission-timeout 1800] [--memory-limit 8G]
                             [--sandbox auto|bwrap|none]
 
@@ -78,9 +78,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..constants import LESSON_PATTERN, ROOT
+
 SOLUTIONS = ROOT / "solutions"
-PATTERN = "[0-9][0-9]_*.ipynb"
 MAX_BYTES = 100 * 2**20  # a lesson notebook with its outputs is a few MB
 RECOGNISED = 0.25  # share of a lesson's cells a notebook must contain (by id or source) to be recognised
 DEFAULT_CELL_TIMEOUT = 600  # seconds: the suite's nbval limit; the slowest real cell takes about 2 minutes
@@ -105,7 +105,7 @@ class CheckCall:
 
 def lessons() -> dict[str, Path]:
     """Lesson number ("00") -> its solution notebook."""
-    return {p.name[:2]: p for p in sorted(SOLUTIONS.glob(PATTERN))}
+    return {p.name[:2]: p for p in sorted(SOLUTIONS.glob(LESSON_PATTERN))}
 
 
 def _parse_cell(source: str):
@@ -210,8 +210,8 @@ def _fingerprints() -> dict[str, list[tuple[str | None, set[str]]]]:
     if not _FINGERPRINTS:
         import nbformat
 
-        from helpers.colab import SETUP_CELL
-        from helpers.notebooks import student_version
+        from helpers.tools.colab import SETUP_CELL
+        from helpers.tools.notebooks import student_version
 
         for lesson, path in lessons().items():
             try:
@@ -610,7 +610,7 @@ def run_probe(name: str, pickled: bytes, sandbox: bool, timeout: float, memory_l
     keep = descendants()
     token = secrets.token_hex(8)
     try:
-        argv = workspace.command([sys.executable, "-m", "helpers.grade", "--run-probe", name])
+        argv = workspace.command([sys.executable, "-m", "helpers.tools.grade", "--run-probe", name])
         proc = subprocess.Popen(argv, cwd=workspace.work, env=workspace.env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=_limits(memory_limit))
         try:
@@ -629,7 +629,7 @@ def run_probe(name: str, pickled: bytes, sandbox: bool, timeout: float, memory_l
 
 
 def probe_main(name: str) -> int:
-    """``python -m helpers.grade --run-probe NAME``: read a token line and a pickled function from stdin, probe
+    """``python -m helpers.tools.grade --run-probe NAME``: read a token line and a pickled function from stdin, probe
     the function, print its data after the token. (The token is not on the command line, where any process can
     read it; learner code in this process could still find it: what it could forge is its own answer's data.)"""
     from helpers.checks import AnswerError, answer_data
@@ -904,7 +904,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-probe"] and len(argv) == 2:  # internal: the probe process of run_probe
         return probe_main(argv[1])
-    parser = argparse.ArgumentParser(prog="python -m helpers.grade",
+    parser = argparse.ArgumentParser(prog="python -m helpers.tools.grade",
                                      description="Grade submitted lesson notebooks into a CSV.")
     parser.add_argument("submissions", nargs="+", help="notebook files, or folders of them")
     parser.add_argument("--out", default="grades.csv", help="the CSV to write (default grades.csv)")

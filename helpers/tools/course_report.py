@@ -1,8 +1,8 @@
 """The course report: run every solution notebook on this machine and say what each technique measured.
 
-    python -m helpers.report                           # every lesson -> report/report.md, PNG plots, report.json
-    python -m helpers.report --lessons 00 03           # a subset
-    python -m helpers.report --out /tmp/r --timeout 900
+    python -m helpers.tools.course_report                 # every lesson -> report/report.md, PNG plots, report.json
+    python -m helpers.tools.course_report --lessons 00 03 # a subset
+    python -m helpers.tools.course_report --out /tmp/r --timeout 900
 
 Each lesson runs top to bottom in a fresh kernel, on an in-memory copy of its solution notebook (the file is
 never written), with the notebook's folder as the working directory, as JupyterLab and the tests run it, and
@@ -37,9 +37,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .memory import CATEGORIES, LABELS, MiB
+from ..constants import ROOT, MiB
+from ..memory_report import CATEGORIES, LABELS
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "report"  # ignored by git (.gitignore: /report/)
 MARK = "@@course-report-headline@@"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -415,7 +415,7 @@ class LessonResult:
     cells_run: int = 0
     cells_total: int = 0
     error: str | None = None  # first line of the error
-    error_cell: int | None = None  # index in the notebook's cells, as helpers.notebooks counts them
+    error_cell: int | None = None  # index in the notebook's cells, as helpers.tools.notebooks counts them
     slowest_cell: tuple[int, float] | None = None
     technique: str | None = None
     headline: dict | None = None
@@ -480,8 +480,7 @@ def run_lesson(path, timeout: int = 900, spec: Headline | None = None, cell_bar=
                     break
             result.seconds = time.perf_counter() - start
             if spec is None:
-                result.notes.append("no headline spec for this lesson (helpers/report.py SPECS): run time and "
-                                    "result only")
+                result.notes.append("no headline spec for this lesson (course_report.SPECS): run time and result only")
             elif not (result.error or "").startswith(("the kernel died", "timed out")):
                 headline = nbformat.v4.new_code_cell(_headline_cell(spec))
                 nb.cells.append(headline)
@@ -764,7 +763,7 @@ def run(solutions_dir=None, lessons=(), out=DEFAULT_OUT, timeout: int = 900, spe
     """Run the chosen lessons one by one, rewriting the report after each; return their results."""
     from tqdm import tqdm
 
-    from helpers.notebooks import _select
+    from helpers.tools.notebooks import _select
 
     solutions_dir = Path(solutions_dir or ROOT / "solutions")
     specs = SPECS if specs is None else specs
@@ -796,7 +795,7 @@ def run(solutions_dir=None, lessons=(), out=DEFAULT_OUT, timeout: int = 900, spe
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m helpers.tools.course_report", description=__doc__.split("\n")[0])
     parser.add_argument("--lessons", nargs="*", default=[], metavar="NN",
                         help="lessons to run, e.g. 00 03 or 03_gradient_checkpointing (default: all)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
@@ -804,7 +803,8 @@ def main(argv=None) -> int:
     parser.add_argument("--solutions", default=str(ROOT / "solutions"), help="folder of solution notebooks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    command = "python -m helpers.report" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    given = " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m helpers.tools.course_report {given}".rstrip()
     try:
         results = run(args.solutions, args.lessons, args.out, args.timeout, progress=not args.no_progress,
                       command=command)

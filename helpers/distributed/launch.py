@@ -5,7 +5,7 @@
     zero_model_states(params, stage=2, world_size=2)     # the ZeRO paper's per-rank bytes
 
 Each run in ``RUNS`` is started with the launcher a practitioner uses for that engine (``accelerate launch``,
-``torchrun`` or ``deepspeed``) as a subprocess with a time limit. Every rank runs ``helpers.shard_worker``,
+``torchrun`` or ``deepspeed``) as a subprocess with a time limit. Every rank runs ``helpers.distributed.worker``,
 which trains a few steps, measures its own memory and writes ``<run>/rank<R>.json``; runs that share a
 launcher can share one launch (they run one after the other in the same processes). A launch that fails (a rank
 dies, the port is taken, DeepSpeed cannot compile its ops, the time limit passes) raises ``LaunchError`` with
@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from ..constants import ROOT
+
 WORLD_SIZE = 2
-WORKER = "helpers.shard_worker"
+WORKER = "helpers.distributed.worker"
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ RUNS = {
 
 
 def recipe(name: str, micro_batch: int = 1, seq_len: int = 64):
-    """The ``helpers.estimate.Recipe`` of ``RUNS[name]`` as each rank of ``helpers.shard_worker`` runs it: the
+    """The ``helpers.estimate.Recipe`` of ``RUNS[name]`` as each rank of ``helpers.distributed.worker`` runs it: the
     engine, its stage and the settings its buffers depend on (DDP's gradient-as-bucket-view buckets, DeepSpeed's
     bucket sizes), ``micro_batch`` rows of ``seq_len`` tokens per rank, fp32 AdamW."""
-    from .estimate import Recipe
-    from .shard_worker import DEEPSPEED_BUFFERS
+    from ..estimate import Recipe
+    from .worker import DEEPSPEED_BUFFERS
 
     spec = RUNS[name]
     if spec.engine == "single":
