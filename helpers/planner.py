@@ -195,7 +195,9 @@ class Plan:
 
     def plot(self, ax=None):
         """A stacked bar by category against the GPU's budget line."""
-        return plot_plans({"this recipe": self}, ax=ax)
+        from .plots import plan_bars
+
+        return plan_bars({"this recipe": self}, ax=ax)
 
 
 def describe(recipe: Recipe) -> str:
@@ -363,22 +365,6 @@ def cheapest_fit(model, gpu, batch_size: int = 1, seq_len: int = 512, training: 
             f"budget of {gpu.budget / GiB:,.2f} GiB. Shorten seq_len, choose a larger GPU, or shard across several "
             "(lesson 09; plan(..., gpus=8, sharding='zero3')).")
     return replace(best, note=note)
-
-
-def plot_plans(plans: dict, ax=None, title: str = ""):
-    """Stacked bars by category (``helpers.plots``) for ``{"label": Plan}``, with each GPU's budget as a line."""
-    from .plots import stacked_bars
-
-    ax = stacked_bars({k: p.report for k, p in plans.items()}, title=title, ax=ax, unit=GiB, unit_name="GiB")
-    for text, p in zip(ax.texts, plans.values(), strict=False):  # stacked_bars writes whole units: too coarse here
-        text.set_text(f"{p.peak / GiB:,.1f}")
-    for gpu in dict.fromkeys(p.gpu for p in plans.values()):
-        ax.axhline(gpu.budget / GiB, color="black", linestyle="--", linewidth=1, label=f"{gpu.name} budget")
-    top = max(max(p.peak, p.gpu.budget) for p in plans.values())
-    ax.set_ylim(0, top / GiB * 1.12)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    ax.figure.tight_layout()
-    return ax
 
 
 def planner(**start):

@@ -12,7 +12,8 @@ import io
 
 import ipywidgets as widgets
 
-from .planner import GPUS, MODELS, SHARDING, cheapest_fit, plan, plot_plans
+from .planner import GPUS, MODELS, SHARDING, cheapest_fit, plan
+from .plots import plan_bars
 
 SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 WEIGHTS = ("fp32", "bf16", "fp16", "int8", "nf4")
@@ -88,7 +89,7 @@ def _png(plans: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    plot_plans(plans, ax=ax)
+    plan_bars(plans, ax=ax)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)

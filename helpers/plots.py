@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .constants import MiB
+from .constants import GiB, MiB
 from .memory_report import CATEGORIES, LABELS
 
 COLOURS = {"weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
@@ -76,5 +76,19 @@ def timeline(report, title: str = "", ax=None, unit: int = MiB, unit_name: str =
     ax.set_ylabel(unit_name)
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    ax.figure.tight_layout()
+    return ax
+
+
+def plan_bars(plans: dict, ax=None, title: str = ""):
+    """Stacked bars by category for ``{"label": helpers.planner.Plan}``, with each GPU's budget as a line."""
+    ax = stacked_bars({k: p.report for k, p in plans.items()}, title=title, ax=ax, unit=GiB, unit_name="GiB")
+    for text, p in zip(ax.texts, plans.values(), strict=False):  # stacked_bars writes whole units: too coarse here
+        text.set_text(f"{p.peak / GiB:,.1f}")
+    for gpu in dict.fromkeys(p.gpu for p in plans.values()):
+        ax.axhline(gpu.budget / GiB, color="black", linestyle="--", linewidth=1, label=f"{gpu.name} budget")
+    top = max(max(p.peak, p.gpu.budget) for p in plans.values())
+    ax.set_ylim(0, top / GiB * 1.12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.figure.tight_layout()
     return ax
