@@ -1,20 +1,20 @@
 """Lesson 12's capstone: fit a real fine-tune of the course model into a memory budget, and prove it.
 
-    def my_recipe():                       # builds everything from scratch, trains nothing yet
+    def my_setup():                        # builds everything from scratch, trains nothing yet
         model = ...                        # the course model, loaded however you like
         optimizer = ...
         def step(batch):                   # one optimizer step on the whole 8 x 128 batch
             ...
         return model, optimizer, step
 
-    result = attempt(my_recipe)            # runs the workload; measures; evaluates
+    result = attempt(my_setup)             # runs the workload; measures; evaluates
     result.verdict()                       # (passed, feedback)
 
-``attempt`` is the referee. It builds the recipe and checks that the model is the course model, built from
+``attempt`` is the referee. It builds the setup and checks that the model is the course model, built from
 torch, transformers, peft and bitsandbytes modules running their own code, that some of it trains, and that
 no 4-bit layer is packed for CPU inference (that layout has no backward: ``helpers.cpu_packing``). It
-measures held-out perplexity, then runs ``WORKLOAD.steps`` optimizer steps on the same fixed batches for
-every recipe and **measures every step** with ``helpers.memory``'s meter (exact tensor bytes by category):
+measures held-out perplexity, then runs ``WORKLOAD.optimizer_steps`` optimizer steps on the same fixed batches for
+every setup and **measures every step** with ``helpers.memory``'s meter (exact tensor bytes by category):
 the peak is the largest over all steps. The first step is measured like the others; with torch's optimizers
 it usually peaks lower, because the optimizer state is created at its very end, when the activations are
 gone (the lesson's QLoRA plan with AdamW: 279 MiB in step 1, 316 MiB from step 2 on), so the steady state
@@ -38,13 +38,13 @@ within ``budget`` (three tiers of the same job: ``WORKLOAD``, 500 MiB, ``TIGHT_W
 held-out perplexity after the job at most ``quality`` (1.05) times what naive full fine-tuning reaches after the
 same steps on the same batches. That reference is measured once by the same referee (``compute_reference``,
 fixed batches and seed) and shipped in ``capstone_reference.json``; ``python -m helpers.capstone --reference``
-rewrites it and tests/test_capstone_reference.py (slow) recomputes it. Every recipe the course tried beats the
+rewrites it and tests/test_capstone_reference.py (slow) recomputes it. Every setup the course tried beats the
 pretrained model after six steps, so a bar relative to the pretrained model would test nothing; this one fails
-a recipe that fits but adapts too little of the model. The exercises' grader calls ``judge`` itself, with its
+a setup that fits but adapts too little of the model. The exercises' grader calls ``judge`` itself, with its
 own workload and reference.
 
 What an in-process referee cannot rule out: code written to attack it (reaching its private state, or the
-report it returns, through the interpreter). The batch grader runs each recipe in a separate short-lived
+report it returns, through the interpreter). The batch grader runs each setup in a separate short-lived
 process, so that such code reaches neither the grader nor other submissions.
 """
 
@@ -69,6 +69,7 @@ from .cpu_packing import PackedWeightsError, ensure_trainable, packed_layers
 from .data import Corpus, heldout_perplexity
 from .estimate import Dims
 from .memory import CATEGORIES, LABELS, MemoryReport, Meter, MiB, _tensors_in, unmetered, weight_tensors
+from .progress import progress
 
 # What each category's fix is, in the course's words (shown when that category busts the budget).
 ADVICE = {
@@ -89,32 +90,32 @@ POLL = 0.01  # seconds between the referee's looks for other threads and child p
 
 @dataclass(frozen=True)
 class Workload:
-    """The fixed job every recipe is judged on."""
+    """The fixed job every setup is judged on."""
 
     batch_size: int = 8  # rows per optimizer step (however the step splits them)
     seq_len: int = 128
-    steps: int = 6  # optimizer steps of the short fine-tune, every one measured
+    optimizer_steps: int = 6  # optimizer steps of the short fine-tune, every one measured
     budget: int = 500 * MiB  # peak tensor bytes of a training step (the largest over all steps)
     quality: float = 1.05  # held-out perplexity after <= quality x the full fine-tune's after the same steps
     eval_chunks: int = 16  # held-out chunks of 128 tokens for perplexity
-    seed: int = 0  # torch's seed when the recipe is built (LoRA's random init): the same run every time
+    seed: int = 0  # torch's seed when the setup is built (LoRA's random init): the same run every time
 
     def __post_init__(self):
-        if self.steps < 2:
+        if self.optimizer_steps < 2:
             raise ValueError(f"a workload needs at least 2 steps (the first creates the optimizer's state; the steady "
-                             f"state shows from the second on), got {self.steps}")
+                             f"state shows from the second on), got {self.optimizer_steps}")
 
     def batches(self, corpus: Corpus) -> list[dict]:
-        """The training batches, one per step: the same for every recipe."""
-        return [corpus.train_batch(self.batch_size, self.seq_len, step=i) for i in range(self.steps)]
+        """The training batches, one per step: the same for every setup."""
+        return [corpus.train_batch(self.batch_size, self.seq_len, step=i) for i in range(self.optimizer_steps)]
 
     def job(self) -> dict:
         """What decides the training run and its perplexities (not the budget nor the bar): the reference's key."""
-        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "steps": self.steps,
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "optimizer_steps": self.optimizer_steps,
                 "eval_chunks": self.eval_chunks, "seed": self.seed}
 
     def __str__(self) -> str:
-        return (f"{self.steps} optimizer steps of {self.batch_size} x {self.seq_len} tokens; budget "
+        return (f"{self.optimizer_steps} optimizer steps of {self.batch_size} x {self.seq_len} tokens; budget "
                 f"{self.budget / MiB:,.0f} MiB for the peak of every step; held-out perplexity after the steps at "
                 f"most {self.quality:g} x the full fine-tune's after the same steps")
 
@@ -133,8 +134,8 @@ FULL_FINETUNE_LR = 5e-5
 REFERENCE_PATH = Path(__file__).with_name("capstone_reference.json")
 
 
-class RecipeError(ValueError):
-    """The recipe could not be run as the capstone asks (the message says what to change)."""
+class SetupError(ValueError):
+    """The setup could not be run as the capstone asks (the message says what to change)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,7 +170,7 @@ def course_dims() -> Dims:
 # ------------------------------------------------------------------------------------------------
 # The reference run: naive full fine-tuning on the same job, measured once and shipped
 # ------------------------------------------------------------------------------------------------
-def naive_recipe():
+def naive_setup():
     """Naive full fine-tuning: the fp32 course model, every parameter trained by torch's AdamW at
     ``FULL_FINETUNE_LR``, the whole batch in one forward and backward. What the quality bar is relative to,
     and what each tier's peak is compared with; over every budget (about 3.4 GiB)."""
@@ -185,14 +186,14 @@ def naive_recipe():
 
 
 def compute_reference(workload: Workload = WORKLOAD) -> dict:
-    """Run ``naive_recipe`` through the referee on ``workload``'s job and return what REFERENCE_PATH holds
-    (deterministic: the job's fixed batches and seed, and nothing random in the recipe; several minutes on a
+    """Run ``naive_setup`` through the referee on ``workload``'s job and return what REFERENCE_PATH holds
+    (deterministic: the job's fixed batches and seed, and nothing random in the setup; several minutes on a
     2-core CPU, and about 4 GiB of memory)."""
     import platform
 
     import transformers
 
-    run = attempt(naive_recipe, workload, name="naive full fine-tune", reference=False)
+    run = attempt(naive_setup, workload, name="naive full fine-tune", reference=False)
     if run.problems or run.ppl_end is None:
         raise RuntimeError(f"the reference run broke a rule: {run.problems}")
     return {
@@ -202,8 +203,8 @@ def compute_reference(workload: Workload = WORKLOAD) -> dict:
                       f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
                       f"transformers {transformers.__version__}",
         "job": workload.job(),
-        "recipe": REFERENCE_RECIPE,
-        "ppl_pretrained": run.ppl_start,  # the naive recipe's model is the pretrained fp32 course model
+        "setup": REFERENCE_SETUP,
+        "ppl_pretrained": run.ppl_start,  # the naive setup's model is the pretrained fp32 course model
         "ppl_full_finetune": run.ppl_end,
         "naive_peak": run.peak,
         "naive_peak_step": {c: int(getattr(run.report, c)) for c in CATEGORIES},
@@ -214,14 +215,14 @@ def compute_reference(workload: Workload = WORKLOAD) -> dict:
 
 
 WHAT = ("held-out perplexity of the course model after the capstone's job done by naive full fine-tuning "
-        "(helpers.capstone.naive_recipe) and measured by helpers.capstone.attempt: ppl_pretrained before the first "
+        "(helpers.capstone.naive_setup) and measured by helpers.capstone.attempt: ppl_pretrained before the first "
         "step, ppl_full_finetune after the last; the quality bar of every tier is relative to ppl_full_finetune. "
         "naive_peak (bytes) is the largest step's peak, naive_peak_step its breakdown, what each tier's peak is "
         "compared with.")
 HOW = ("python -m helpers.capstone --reference rewrites this file; tests/test_capstone_reference.py recomputes it "
        "and compares (marked slow)")
-REFERENCE_RECIPE = {"weights": "fp32", "trainable": "every parameter", "optimizer": "torch.optim.AdamW",
-                    "lr": FULL_FINETUNE_LR, "accumulation_steps": 1}
+REFERENCE_SETUP = {"weights": "fp32", "trainable": "every parameter", "optimizer": "torch.optim.AdamW",
+                   "lr": FULL_FINETUNE_LR, "gradient_accumulation_steps": 1}
 
 
 @functools.lru_cache(maxsize=4)
@@ -265,7 +266,7 @@ def judge(facts: dict, workload: Workload, reference: dict) -> tuple[bool, str]:
     """(passed, feedback) for what ``attempt`` measured (``Attempt.facts()``): the rules first, then the budget
     (the largest peak of any step), then quality, with what to change. ``workload`` and ``reference`` (the
     pretrained model's perplexity, the full fine-tune's after the same steps, the naive run's peak: see
-    ``load_reference``) are the judge's own: the grader passes the lesson's, never numbers the recipe's process
+    ``load_reference``) are the judge's own: the grader passes the lesson's, never numbers the setup's process
     reported."""
     if facts.get("error"):
         return False, facts["error"]
@@ -276,8 +277,8 @@ def judge(facts: dict, workload: Workload, reference: dict) -> tuple[bool, str]:
         problems.insert(0, f"your model scores a held-out perplexity of {facts['ppl_start']:.2f} before its first "
                            f"step, below the pretrained model's {ppl_pretrained:.2f}: the capstone starts from the "
                            "pretrained course model and trains only inside step(batch).")
-    if not problems and (len(steps) != workload.steps or facts["ppl_end"] is None):
-        problems.append(f"the run ended after {len(steps)} of the job's {workload.steps} steps.")
+    if not problems and (len(steps) != workload.optimizer_steps or facts["ppl_end"] is None):
+        problems.append(f"the run ended after {len(steps)} of the job's {workload.optimizer_steps} steps.")
     if problems:
         return False, " ".join(problems)
     if not math.isfinite(facts["ppl_end"]):
@@ -306,7 +307,7 @@ def judge(facts: dict, workload: Workload, reference: dict) -> tuple[bool, str]:
 
 @dataclass
 class Attempt:
-    """What ``attempt`` measured for one recipe."""
+    """What ``attempt`` measured for one setup."""
 
     name: str
     workload: Workload
@@ -433,28 +434,28 @@ def _foreign_code(model: torch.nn.Module, referee=()) -> str | None:
 
 
 def _course_parts(model: torch.nn.Module, dims: Dims):
-    """(embedding, decoder blocks, output layer) of the course model inside ``model``, or RecipeError."""
+    """(embedding, decoder blocks, output layer) of the course model inside ``model``, or SetupError."""
     from transformers import PreTrainedModel
 
     base = next((m for m in torch.nn.Module.modules(model) if isinstance(m, PreTrainedModel)), None)
     config = vars(base).get("config") if base is not None else None
     if config is None or type(config) is not type(course_config()) or Dims.of(config) != dims:
-        raise RecipeError("the model is not the course model (its config differs): load it with "
-                          "helpers.models.load_model(...), quantized or not.")
+        raise SetupError("the model is not the course model (its config differs): load it with "
+                         "helpers.models.load_model(...), quantized or not.")
     blocks = next((m for m in torch.nn.Module.modules(base)
                    if type(m) is torch.nn.ModuleList and len(m) == dims.layers), None)
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     shape = tuple(getattr(getattr(embedding, "weight", None), "shape", ()))
     if blocks is None or not isinstance(head, torch.nn.Module) or shape != (dims.vocab, dims.hidden):
-        raise RecipeError("the model is not the course model (its embedding or its decoder blocks differ): load "
-                          "it with helpers.models.load_model(...), quantized or not.")
+        raise SetupError("the model is not the course model (its embedding or its decoder blocks differ): load "
+                         "it with helpers.models.load_model(...), quantized or not.")
     return embedding, list(blocks), head
 
 
 def _same_parts(model, dims: Dims, parts) -> bool:
     try:
         now = _course_parts(model, dims)
-    except RecipeError:
+    except SetupError:
         return False
     return (now[0] is parts[0] and now[2] is parts[2] and len(now[1]) == len(parts[1])
             and all(a is b for a, b in zip(now[1], parts[1], strict=True)))
@@ -488,7 +489,7 @@ def _state_tensors(optimizer):
 
 
 def _code_snapshot() -> dict:
-    """The referee's functions and classes, their code and their members: the recipe must leave them as they are."""
+    """The referee's functions and classes, their code and their members: the setup must leave them as they are."""
     snap = {}
     for mod_name in ("helpers.memory", "helpers.capstone", "helpers.cpu_packing", "helpers.data",
                      "torch.utils._python_dispatch"):
@@ -520,7 +521,7 @@ def _changed(snapshot: dict) -> str | None:
 
 
 def _number(x) -> float:
-    """A loss as a float, without calling the recipe's code (anything else: nan)."""
+    """A loss as a float, without calling the setup's code (anything else: nan)."""
     if type(x) in (int, float):
         return float(x)
     if type(x) in (torch.Tensor, torch.nn.Parameter) and torch._C.TensorBase.numel(x) == 1:
@@ -563,7 +564,7 @@ if hasattr(os, "register_at_fork"):
 
 class _Watch:
     """During one step, looks every POLL seconds for Python threads and child processes that are not the
-    referee's, and counts forks; ``allowed``: thread ids alive before the recipe was built."""
+    referee's, and counts forks; ``allowed``: thread ids alive before the setup was built."""
 
     def __init__(self, allowed: set[int], children: set[int]):
         self.allowed, self.old_children = set(allowed), set(children)
@@ -730,13 +731,13 @@ class _Rows:
 # The referee
 # ------------------------------------------------------------------------------------------------
 def _learner(what: str, fn, *args):
-    """Call the recipe's code; anything it raises (SystemExit included) becomes a RecipeError that says so."""
+    """Call the setup's code; anything it raises (SystemExit included) becomes a SetupError that says so."""
     try:
         return fn(*args)
     except PackedWeightsError as err:  # helpers.train refuses to train a packed model
-        raise RecipeError(f"the run cannot count: {err}") from None
+        raise SetupError(f"the run cannot count: {err}") from None
     except BaseException as err:  # noqa: BLE001 (SystemExit, KeyboardInterrupt...: feedback, not an escape)
-        raise RecipeError(f"{what} raised {type(err).__name__}: {str(err)[:300]}") from None
+        raise SetupError(f"{what} raised {type(err).__name__}: {str(err)[:300]}") from None
 
 
 def _unpack(built):
@@ -744,23 +745,23 @@ def _unpack(built):
         items = list(tuple.__iter__(built) if isinstance(built, tuple) else list.__iter__(built))
         if len(items) == 3 and callable(items[2]):
             return items
-    raise RecipeError("your function must return three things: (model, optimizer, step), where step(batch) "
-                      "runs one optimizer step on the whole batch.")
+    raise SetupError("your function must return three things: (model, optimizer, step), where step(batch) "
+                     "runs one optimizer step on the whole batch.")
 
 
-def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, reference: bool = True) -> Attempt:
-    """Build ``recipe()`` -> (model, optimizer, step), run the workload, and measure it (see the module text).
+def attempt(setup, workload: Workload = WORKLOAD, name: str | None = None, reference: bool = True) -> Attempt:
+    """Build ``setup()`` -> (model, optimizer, step), run the workload, and measure it (see the module text).
 
-    Raises ``RecipeError`` when the recipe cannot be run as asked (its code raised, wrong return value, not
+    Raises ``SetupError`` when the setup cannot be run as asked (its code raised, wrong return value, not
     the course model, no trainable parameter, 4-bit layers already packed for CPU inference); a run that
     breaks a rule returns an ``Attempt`` whose ``problems`` say why it does not count (the run stops at the
     first step that broke one). ``reference=False`` skips measuring the pretrained model (``verdict`` then
     needs the grader's: ``judge``).
     """
-    if not callable(recipe):
-        raise RecipeError(f"the answer must be a function that builds (model, optimizer, step); got "
-                          f"{type(recipe).__name__}.")
-    # Everything the referee needs is built before the recipe runs, and kept where the recipe does not reach it.
+    if not callable(setup):
+        raise SetupError(f"the answer must be a function that builds (model, optimizer, step); got "
+                         f"{type(setup).__name__}.")
+    # Everything the referee needs is built before the setup runs, and kept where the setup does not reach it.
     corpus = copy.deepcopy(course_corpus())
     batches = workload.batches(corpus)
     expected = [b["input_ids"].clone() for b in batches]
@@ -771,30 +772,30 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, refe
     children_before = _children()
 
     torch.manual_seed(workload.seed)  # LoRA's random init: the same run every time
-    model, optimizer, step = _unpack(_learner("your function", recipe))
+    model, optimizer, step = _unpack(_learner("your function", setup))
     if not isinstance(model, torch.nn.Module):
-        raise RecipeError("the first thing returned must be the model (a torch.nn.Module); got "
-                          f"{type(model).__name__}.")
+        raise SetupError("the first thing returned must be the model (a torch.nn.Module); got "
+                         f"{type(model).__name__}.")
     embedding, blocks, head = _course_parts(model, dims)
     foreign = _foreign_code(model)
     if foreign:
-        raise RecipeError(f"the model must be the course model as torch, transformers, peft and bitsandbytes build "
-                          f"it, running their own code: {foreign}.")
+        raise SetupError(f"the model must be the course model as torch, transformers, peft and bitsandbytes build "
+                         f"it, running their own code: {foreign}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise RecipeError("the second thing returned must be the optimizer (a torch.optim.Optimizer, such as "
-                          f"torch.optim.AdamW or bnb.optim.AdamW8bit); got {type(optimizer).__name__}.")
+        raise SetupError("the second thing returned must be the optimizer (a torch.optim.Optimizer, such as "
+                         f"torch.optim.AdamW or bnb.optim.AdamW8bit); got {type(optimizer).__name__}.")
     trainable = {n: p for n, p in torch.nn.Module.named_parameters(model) if p.requires_grad}
     if not trainable:
-        raise RecipeError("no parameter of the model requires grad: nothing can learn. Did you forget "
-                          "get_peft_model, or freeze everything?")
+        raise SetupError("no parameter of the model requires grad: nothing can learn. Did you forget "
+                         "get_peft_model, or freeze everything?")
     try:
         ensure_trainable(model)  # and the referee's own evaluation below must not pack it either
     except PackedWeightsError as err:
-        raise RecipeError(f"the run cannot count: {err}") from None
+        raise SetupError(f"the run cannot count: {err}") from None
     shared = _shared_tensors(model, optimizer)
     if shared:
-        raise RecipeError(f"the model's {shared[0]} are in shared memory, where another process could train them: "
-                          "keep the model in this process's own memory (no share_memory_()).")
+        raise SetupError(f"the model's {shared[0]} are in shared memory, where another process could train them: "
+                         "keep the model in this process's own memory (no share_memory_()).")
     problems = []
     ppl_start = heldout_perplexity(model, corpus, max_chunks=workload.eval_chunks)
 
@@ -828,6 +829,10 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, refe
     start = _fingerprint(trainable)
     moved: set[str] = set()
     reports, losses, seconds = [], [], []
+    # Steps done and time left in a live notebook (helpers.progress): the progress bar is drawn between steps,
+    # never inside the measured block, and holds no tensor.
+    bar = progress(total=workload.optimizer_steps, unit="step",
+                   desc=name or (setup.__name__ if isinstance(setup, types.FunctionType) else "setup"))
     try:
         for i, (batch, ids) in enumerate(zip(batches, expected, strict=True), start=1):
             before = _fingerprint(trainable)
@@ -860,7 +865,7 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, refe
                                      "optimizer's update (optimizer.step()).")
             changed = _changed(code)
             if changed:
-                step_problems.append(f"the recipe changed the referee's own code ({changed}) during step {i}: the "
+                step_problems.append(f"the setup changed the referee's own code ({changed}) during step {i}: the "
                                      "run cannot count.")
             foreign = _foreign_code(model, rows.hooks)
             if foreign:
@@ -872,26 +877,28 @@ def attempt(recipe, workload: Workload = WORKLOAD, name: str | None = None, refe
             if step_problems:
                 problems += step_problems
                 break
+            bar.update()
     finally:
         rows.remove()
         for hook in hooks:
             hook.remove()
+        bar.close()
     if not problems:
         silent = [n for n in trainable if n not in learned]
         if silent:
             problems.append(f"{len(silent)} of the model's {len(trainable)} trainable tensors (e.g. {silent[0]}) got "
-                            f"no gradient, or only zeros, in all {workload.steps} steps: they cannot learn. Look for "
-                            "4-bit weights packed for CPU inference (no backward; helpers.cpu_packing), parameters "
-                            "the forward never uses, or a learning rate of 0 (LoRA's B then stays zero, and so does "
-                            "A's gradient); freeze what should not train.")
+                            f"no gradient, or only zeros, in all {workload.optimizer_steps} steps: they cannot learn. "
+                            "Look for 4-bit weights packed for CPU inference (no backward; helpers.cpu_packing), "
+                            "parameters the forward never uses, or a learning rate of 0 (LoRA's B then stays zero, and "
+                            "so does A's gradient); freeze what should not train.")
     if not problems:
         still = [n for n in trainable if n not in moved]
         if still:
             problems.append(f"{len(still)} of the model's {len(trainable)} trainable tensors (e.g. {still[0]}) got "
-                            f"gradients but never changed in {workload.steps} steps: give the optimizer every "
-                            "trainable parameter, or freeze the ones it should not train.")
+                            f"gradients but never changed in {workload.optimizer_steps} steps: give the optimizer "
+                            "every trainable parameter, or freeze the ones it should not train.")
     ppl_end = None if problems else heldout_perplexity(model, corpus, max_chunks=workload.eval_chunks)
-    name = name or (recipe.__name__ if isinstance(recipe, types.FunctionType) else "recipe")
+    name = name or (setup.__name__ if isinstance(setup, types.FunctionType) else "setup")
     return Attempt(name, workload, reports, ppl_start, ppl_end,
                    judged_against, losses, seconds, sum(p.numel() for p in trainable.values()), problems)
 

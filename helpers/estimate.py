@@ -6,7 +6,7 @@
     predict(config, Recipe(weights="nf4", double_quant=True, lora_rank=16, lora_targets="all-linear",
                            gradient_checkpointing=True, optimizer="paged_adamw8bit"))   # QLoRA
     predict(config, Recipe(batch_size=8, autocast="bf16"))              # mixed precision, fp32 master weights
-    predict(config, Recipe(batch_size=2, gradient_accumulation_steps=4, optimizer="adafactor"))
+    predict(config, Recipe(batch_size=8, gradient_accumulation_steps=4, optimizer="adafactor"))   # 4 x 2 rows
     predict(config, Recipe(engine="deepspeed", zero_stage=2, world_size=8))   # per rank, lesson 09
 
 The prediction uses the same categories as ``helpers.memory`` and the same moment: the peak of one
@@ -124,7 +124,7 @@ class Dims:
 class Recipe:
     """How the model is run. Defaults: fp32 weights, AdamW, every parameter trained."""
 
-    batch_size: int = 1
+    batch_size: int = 1  # rows per optimizer step (per rank under data parallelism)
     seq_len: int = 128
     training: bool = True
     weights: str = "fp32"  # fp32 | bf16 | fp16 | int8 | nf4 | fp4
@@ -135,14 +135,14 @@ class Recipe:
     trainable_blocks: int | None = None  # None: everything; k: only the last k blocks + final norm
     trainable_at: str = "top"  # with trainable_blocks=k: "top" (last k + final norm) or "bottom" (first k only)
     gradient_checkpointing: bool = False
-    gradient_accumulation_steps: int = 1  # k > 1: k micro-batches of batch_size each, gradients summed, one step
+    gradient_accumulation_steps: int = 1  # micro-batches per step, of micro_batch_size rows each; gradients summed
     device: str = "cpu"  # cpu | cuda: PyTorch's default optimizer implementation differs
     autocast: str | None = None  # "bf16" | "fp16": the forward under torch.autocast, fp32 master weights (lesson 06)
     lora_rank: int = 0  # > 0: train only LoRA adapters of this rank (peft); the base model is frozen
     lora_targets: tuple[str, ...] | str = LINEAR_NAMES  # module names, or "all-linear" as in LoraConfig
     lora_dropout: float = 0.0  # > 0 makes each adapter keep its own dropped-out copy of its input
     # Data parallel over ``world_size`` ranks (lesson 09); the prediction is per rank and ``batch_size`` is each
-    # rank's micro-batch. ``zero_stage`` 0 replicates everything (DDP), 1 shards optimizer state, 2 also
+    # rank's rows per optimizer step. ``zero_stage`` 0 replicates everything (DDP), 1 shards optimizer state, 2 also
     # gradients, 3 also weights (FSDP full shard is stage 3). ``engine="deepspeed"`` adds DeepSpeed's fp32 master
     # partition to the optimizer state (it keeps one whatever the weights' dtype) and steps its flat partition as
     # one tensor. ``offload_optimizer`` moves optimizer state and gradient partition to CPU memory (nothing moves
@@ -198,6 +198,13 @@ class Recipe:
         steps = self.gradient_accumulation_steps
         if int(steps) != steps or steps < 1:
             raise ValueError(f"Recipe(gradient_accumulation_steps={steps!r}): a whole number, 1 for none")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"Recipe(batch_size={self.batch_size!r}): a whole number of rows per optimizer step, "
+                             "1 or more")
+        if self.batch_size % steps:
+            raise ValueError(f"Recipe(batch_size={self.batch_size}, gradient_accumulation_steps={steps}): the batch "
+                             f"does not split into {steps} equal micro-batches; batch_size is the rows of one "
+                             "optimizer step, so make it a multiple of gradient_accumulation_steps")
         if self.autocast is not None:
             if self.autocast not in ("bf16", "fp16"):
                 raise ValueError(f"Recipe(autocast={self.autocast!r}): None, 'bf16' or 'fp16'")
@@ -230,6 +237,11 @@ class Recipe:
                              "world_size must be 1)")
         if self.trainable_at not in ("top", "bottom"):
             raise ValueError(f"Recipe(trainable_at={self.trainable_at!r}): choose one of top, bottom")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows in one forward and backward: ``batch_size // gradient_accumulation_steps``."""
+        return self.batch_size // self.gradient_accumulation_steps
 
     def but(self, **changes) -> Recipe:
         return replace(self, **changes)
@@ -409,22 +421,22 @@ def int8_kept_bytes(config, tokens: int, act_bytes: int = 4) -> int:
     return tokens * (2 * d.hidden + d.q_dim + d.intermediate) * act_bytes
 
 
-def loss_bytes(config, batch_size: int, seq_len: int, chunk: int = 0, act_bytes: int = 4,
+def loss_bytes(config, micro_batch_size: int, seq_len: int, chunk: int = 0, act_bytes: int = 4,
                head_trains: bool = False) -> int:
     """What the causal-LM loss holds at the start of backward, beyond the model's saved activations. The plain
     loss (transformers'): the logits upcast to fp32, their log-softmax (saved for backward), its gradient and the
-    logits' gradient are alive together: 3 x rows x positions x vocab x 4 bytes (the logits themselves are freed
-    once the loss is computed, unless the caller keeps the model's output). Chunked (``chunk`` positions of every
-    row at a time, ``helpers.loss``): the same three for one chunk, which backward recomputes, beside the
-    gradient of the hidden states collected from the chunks done so far (the other positions') and the hidden
-    states themselves, which the chunks' checkpoints keep as their inputs (a frozen output layer would not have
-    kept them; a trained one keeps them anyway, ``head_trains``)."""
+    logits' gradient are alive together: 3 x rows x positions x vocab x 4 bytes, the rows being one forward's
+    (``micro_batch_size``; the logits themselves are freed once the loss is computed, unless the caller keeps the
+    model's output). Chunked (``chunk`` positions of every row at a time, ``helpers.loss``): the same three for one
+    chunk, which backward recomputes, beside the gradient of the hidden states collected from the chunks done so
+    far (the other positions') and the hidden states themselves, which the chunks' checkpoints keep as their inputs
+    (a frozen output layer would not have kept them; a trained one keeps them anyway, ``head_trains``)."""
     d = Dims.of(config)
     if not chunk or chunk >= seq_len:
-        return 3 * batch_size * seq_len * d.vocab * 4
-    hidden = batch_size * seq_len * d.hidden * act_bytes
-    others = batch_size * (seq_len - chunk) * d.hidden * act_bytes
-    return 3 * batch_size * chunk * d.vocab * 4 + others + (0 if head_trains else hidden)
+        return 3 * micro_batch_size * seq_len * d.vocab * 4
+    hidden = micro_batch_size * seq_len * d.hidden * act_bytes
+    others = micro_batch_size * (seq_len - chunk) * d.hidden * act_bytes
+    return 3 * micro_batch_size * chunk * d.vocab * 4 + others + (0 if head_trains else hidden)
 
 
 def _lora_block0_unsaved(d: Dims, tokens: int, recipe: Recipe, a: int) -> int:
@@ -447,7 +459,7 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     if recipe.training and recipe.weights in QUANTIZED and not recipe.lora_rank:
         raise ValueError(f"Recipe(weights={recipe.weights!r}) cannot be fine-tuned directly (bitsandbytes "
                          "weights are frozen): use training=False, or train LoRA adapters on top (lesson 05)")
-    n = recipe.batch_size * recipe.seq_len
+    n = recipe.micro_batch_size * recipe.seq_len  # tokens in one forward and backward
     w = weight_bytes(d, recipe) + (lora_bytes(d, recipe) if recipe.lora_rank else 0)
     a = 4 if recipe.weights in QUANTIZED else BYTES[recipe.weights]
 
@@ -496,13 +508,13 @@ def predict(config, recipe: Recipe = Recipe()) -> MemoryReport:
     # 1. Start of backward: saved activations + log-softmax output, its gradient and the logits' (``loss_bytes``).
     #    A chunked loss with a trained output layer also sums that layer's gradient over the chunks: the running
     #    sum and the chunk's new one.
-    loss = loss_bytes(d, recipe.batch_size, recipe.seq_len, recipe.loss_chunk, a, head_trains=embeddings_train)
+    loss = loss_bytes(d, recipe.micro_batch_size, recipe.seq_len, recipe.loss_chunk, a, head_trains=embeddings_train)
     if embeddings_train and 0 < recipe.loss_chunk < recipe.seq_len:
         loss += 2 * g_head
     phases["backward start"] = (0, sum(saved) + head_act + head_copy + loss)
     if amp and ckpt:  # autocast's cache keeps every weight copy until the forward leaves the autocast region
         chunk = min(recipe.loss_chunk or recipe.seq_len, recipe.seq_len)
-        in_forward = 2 * recipe.batch_size * chunk * d.vocab * 4  # (a chunk's) logits and their log-softmax
+        in_forward = 2 * recipe.micro_batch_size * chunk * d.vocab * 4  # (a chunk's) logits and their log-softmax
         phases["forward end"] = (0, sum(saved) + head_act + head_copy + d.layers * copy + in_forward)
     # 2. Through the blocks, top to bottom: block j's activations (recomputed if checkpointed) are
     #    alive with those below it; gradients of the trainable blocks above have accumulated. The

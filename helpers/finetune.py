@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .cpu_packing import ensure_trainable, prevent_packing
 from .data import Corpus
+from .progress import TrainerProgress
 
 
 class TrainChunks(torch.utils.data.Dataset):
@@ -77,12 +78,23 @@ class StepTimer(TrainerCallback):
 
 
 def training_arguments(steps: int, lr: float, batch_size: int = 2, output_dir: str | None = None,
-                       **overrides) -> TrainingArguments:
+                       gradient_accumulation_steps: int = 1, **overrides) -> TrainingArguments:
     """The course's ``TrainingArguments``: a constant learning rate for ``steps`` steps on the CPU (or the
     GPU when there is one), no checkpoints written, no logging service; the loss is logged as text four
-    times a run instead of a progress bar, so executed notebooks stay readable."""
+    times a run instead of Trainer's progress bar, so executed notebooks stay readable (``fine_tune`` adds
+    ``helpers.progress.TrainerProgress``, a bar shown only in a live notebook).
+
+    ``batch_size`` is the rows of one optimizer step, as everywhere in the course: ``Trainer`` gets it as
+    ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size = batch_size //
+    gradient_accumulation_steps`` rows."""
+    if gradient_accumulation_steps < 1 or batch_size % gradient_accumulation_steps:
+        raise ValueError(f"batch_size {batch_size} (rows per optimizer step) does not split into "
+                         f"{gradient_accumulation_steps} equal micro-batches: gradient_accumulation_steps must "
+                         "divide it")
     settings = dict(output_dir=output_dir or tempfile.mkdtemp(prefix="course-trainer-"),
-                    per_device_train_batch_size=batch_size, per_device_eval_batch_size=8, max_steps=steps,
+                    per_device_train_batch_size=batch_size // gradient_accumulation_steps,
+                    gradient_accumulation_steps=gradient_accumulation_steps, per_device_eval_batch_size=8,
+                    max_steps=steps,
                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                     logging_steps=max(1, steps // 4), save_strategy="no", report_to="none", seed=0,
                     prediction_loss_only=True,  # evaluation keeps the loss, not every logit (400 MB here)
@@ -110,7 +122,8 @@ def fine_tune(model, corpus: Corpus, steps: int, lr: float, batch_size: int = 2,
     timer = StepTimer()
     trainer = Trainer(model=model, args=training_arguments(steps, lr, batch_size, **training_overrides),
                       train_dataset=TrainChunks(corpus, batch_size, seq_len, steps),
-                      eval_dataset=HeldOutChunks(corpus, eval_chunks), callbacks=[timer])
+                      eval_dataset=HeldOutChunks(corpus, eval_chunks),
+                      callbacks=[timer, TrainerProgress("fine-tune")])  # after the timer: not timed
     trainer.remove_callback(PrinterCallback)  # the caller prints what matters
     before = math.exp(trainer.evaluate()["eval_loss"]) if evaluate_before else None
     trainer.train()

@@ -3,7 +3,7 @@
     plan("llama-3-8b", "T4", batch_size=4, seq_len=1024, lora=True, weights="nf4")   # a Plan: peak, fits, headroom
     cheapest_fit("llama-3-8b", "L4", batch_size=8, seq_len=1024)   # the first recipe on the cost ladder that fits
     planner()                                                      # the same, as widgets (Jupyter)
-    largest_batch(model.config, Recipe(seq_len=128), budget)      # the largest batch that fits a byte budget
+    largest_batch(model.config, Recipe(seq_len=128), budget)      # the largest batch_size that fits a byte budget
 
 Nothing runs on a device: every answer is ``helpers.estimate.predict``, so it is as good as the prediction for
 that recipe (lessons 00 to 09 put it beside measurements). Models are the configs shipped in
@@ -27,7 +27,11 @@ unquantized (embeddings, lm_head, norms) to fp32, so ``unquantized="fp32"`` is t
 Several GPUs (``gpus=N``, ``sharding=``): the per-GPU peak of data parallel training (lesson 09), with each engine's
 own buffers as ``helpers.estimate`` models them: "ddp", "zero1", "zero2", "zero3" (DeepSpeed, with the HF Trainer's
 ``"auto"`` bucket sizes, as in ``configs/deepspeed``) or "fsdp" (FSDP2 full shard). ``batch_size`` is then each
-GPU's batch.
+GPU's rows per optimizer step.
+
+Batch sizes mean what ``helpers.estimate.Recipe``'s do: ``batch_size`` is the rows of one optimizer step, split into
+``gradient_accumulation_steps`` micro-batches of ``batch_size // gradient_accumulation_steps`` rows
+(``Recipe.micro_batch_size``), one forward and backward each.
 
 The cost ladder (``cheapest_fit``, every candidate in order: ``ladder``). Techniques are ordered by what they
 cost you, and the cheapest recipe is the first that fits:
@@ -41,8 +45,8 @@ cost you, and the cheapest recipe is the first that fits:
     9-12   rungs 1-4 as QLoRA: LoRA over nf4 weights (double quantization): quantization error, slower steps
 
 Each technique costs more than every combination of the cheaper ones, so the ladder counts in binary. Two things
-cost nothing and are tried on every rung before the next: gradient accumulation (the same effective batch in
-micro-batches of batch, batch/2, ... 1: no quality lost, only GPU efficiency) and, for a full fine-tune, mixed
+cost nothing and are tried on every rung before the next: gradient accumulation (the same batch in micro-batches
+of batch, batch/2, ... 1: no quality lost, only GPU efficiency) and, for a full fine-tune, mixed
 precision (autocast in the GPU's 16-bit type, after plain fp32 at each micro-batch; on tensor cores it is faster).
 For inference (``training=False``) the ladder is the weight format: fp32, 16-bit, int8, nf4. The ladder plans one
 GPU; ``plan(..., gpus=N, sharding="zero3")`` plans several (CPU offload is out of scope).
@@ -107,31 +111,36 @@ def fits(config, recipe: Recipe, budget_bytes: float) -> bool:
 
 
 def largest_batch(config, recipe: Recipe, budget_bytes: float, max_batch: int = 256) -> int:
-    """The largest ``batch_size`` whose predicted peak fits ``budget_bytes``, everything else as in ``recipe``.
+    """The largest ``batch_size`` (rows per optimizer step) whose predicted peak fits ``budget_bytes``, everything
+    else as in ``recipe``, its ``gradient_accumulation_steps`` included.
 
     ``config`` is a transformers config, a dict or ``helpers.estimate.Dims``; ``recipe`` gives the sequence
-    length, optimizer, weight format, trainable set and checkpointing (its own ``batch_size`` is ignored).
-    Batches are tried from 1 upwards and the search stops at the first one that does not fit, so batch
-    ``b + 1`` is predicted not to fit whenever the answer ``b`` is below ``max_batch``. The answer is
-    capped at ``max_batch``: if that many fit, ``max_batch`` is returned.
+    length, optimizer, weight format, trainable set, checkpointing and accumulation steps k (its own
+    ``batch_size`` is ignored). Batches are tried in whole micro-batches, k, 2k, 3k... rows (micro-batches of
+    1, 2, 3... rows), and the search stops at the first one that does not fit, so the next one is predicted not
+    to fit whenever the answer is below ``max_batch``. The answer is capped at ``max_batch`` rows (rounded down
+    to a multiple of k).
 
-    Raises ``ValueError`` with the predicted peak when even batch 1 does not fit, and for a budget that
-    is not positive or a ``max_batch`` below 1.
+    Raises ``ValueError`` with the predicted peak when even micro-batches of one row do not fit, and for a
+    budget that is not positive or a ``max_batch`` below k.
     """
+    k = recipe.gradient_accumulation_steps
     if not budget_bytes > 0:
         raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
-    if int(max_batch) != max_batch or max_batch < 1:
-        raise ValueError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
-    first = predict(config, recipe.but(batch_size=1))
+    if int(max_batch) != max_batch or max_batch < k:
+        raise ValueError(f"max_batch must be a whole number of at least gradient_accumulation_steps ({k}), "
+                         f"got {max_batch!r}")
+    first = predict(config, recipe.but(batch_size=k))
     if first.peak > budget_bytes:
+        smallest = "batch 1" if k == 1 else f"batch {k} (micro-batches of 1 row)"
         raise ValueError(
-            f"even batch 1 does not fit: its predicted peak is {_gib(first.peak)} (at {first.moment}), "
+            f"even {smallest} does not fit: its predicted peak is {_gib(first.peak)} (at {first.moment}), "
             f"above the budget of {_gib(budget_bytes)}. Weights {_gib(first.weights)}, gradients "
             f"{_gib(first.gradients)}, optimizer state {_gib(first.optimizer)} and activations "
             f"{_gib(first.activations)} at that moment: shorten seq_len (now {recipe.seq_len}), turn on "
             "gradient_checkpointing, or shrink the weights, gradients or optimizer state.")
-    best = 1
-    for batch in range(2, int(max_batch) + 1):
+    best = k
+    for batch in range(2 * k, int(max_batch) + 1, k):
         if not fits(config, recipe.but(batch_size=batch), budget_bytes):
             break
         best = batch
@@ -147,7 +156,7 @@ class Plan:
 
     model: str
     gpu: GPU
-    batch_size: int  # the effective batch: micro-batch x accumulation steps
+    batch_size: int  # rows per optimizer step (per GPU): recipe.micro_batch_size x gradient_accumulation_steps
     seq_len: int
     recipe: Recipe
     report: MemoryReport = field(repr=False)
@@ -222,7 +231,7 @@ def describe(recipe: Recipe) -> str:
     words.append({"adamw": "AdamW", "adamw8bit": "8-bit AdamW", "paged_adamw8bit": "paged 8-bit AdamW",
                   "adafactor": "Adafactor"}.get(recipe.optimizer, recipe.optimizer))
     if recipe.gradient_accumulation_steps > 1:
-        words.append(f"micro-batch {recipe.batch_size} x {recipe.gradient_accumulation_steps} accumulation steps")
+        words.append(f"micro-batch {recipe.micro_batch_size} x {recipe.gradient_accumulation_steps} accumulation steps")
     if 0 < recipe.loss_chunk < recipe.seq_len:
         words.append(f"the loss in chunks of {recipe.loss_chunk:,} positions")
     if recipe.world_size > 1:
@@ -271,8 +280,8 @@ def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="
             loss_chunk=0, gpus=1, sharding="zero3", config=None) -> Recipe:
     steps = _whole("gradient_accumulation_steps", gradient_accumulation_steps)
     if batch_size % steps:
-        raise ValueError(f"batch_size {batch_size} does not split into {steps} equal micro-batches: "
-                         "gradient_accumulation_steps must divide it")
+        raise ValueError(f"batch_size {batch_size} (rows per optimizer step) does not split into {steps} equal "
+                         "micro-batches: gradient_accumulation_steps must divide it")
     if autocast is True:  # a checkbox: the GPU's own 16-bit type
         autocast = gpu.half
     rank = LORA_RANK if lora is True else int(lora or 0)
@@ -287,7 +296,7 @@ def _recipe(gpu: GPU, batch_size: int, seq_len: int, *, training=True, weights="
                      param_persistence_threshold=10 * hidden, state_dtype="fp32")
     # A 4-bit base uses double quantization, as in the QLoRA recipe; what bitsandbytes leaves unquantized is fp32
     # after prepare_model_for_kbit_training (module docstring).
-    return Recipe(batch_size=batch_size // steps, seq_len=seq_len, training=training, weights=weights,
+    return Recipe(batch_size=batch_size, seq_len=seq_len, training=training, weights=weights,
                   double_quant=weights in ("nf4", "fp4"), unquantized=unquantized,
                   optimizer=optimizer if training else "none", autocast=autocast or None, lora_rank=rank,
                   lora_targets="all-linear", gradient_checkpointing=gradient_checkpointing and training,
@@ -299,8 +308,8 @@ def plan(model, gpu, batch_size: int = 1, seq_len: int = 512, **techniques) -> P
     """Predict one recipe on one GPU: ``plan("smollm2-135m", "T4", batch_size=8, seq_len=512)``.
 
     ``model``: a name in ``MODELS`` (or a transformers config); ``gpu``: a name in ``GPUS`` (spaces, case and
-    dashes do not matter: "a100-80gb") or ``GPU(name, gb)``; ``batch_size``: the effective batch, split into
-    micro-batches by ``gradient_accumulation_steps``. Technique toggles, as ``helpers.estimate.Recipe`` has them:
+    dashes do not matter: "a100-80gb") or ``GPU(name, gb)``; ``batch_size``: rows per optimizer step, split into
+    ``gradient_accumulation_steps`` micro-batches. Technique toggles, as ``helpers.estimate.Recipe`` has them:
     ``weights`` ("fp32", "bf16", "fp16", "int8", "nf4"), ``unquantized`` (the dtype of what a quantized base leaves
     unquantized: "fp32" after ``prepare_model_for_kbit_training``, the default; "bf16" or "fp16"), ``autocast``
     (None, "bf16", "fp16", or True for the GPU's 16-bit type), ``lora`` (False, True for rank 16 on every linear
@@ -332,7 +341,7 @@ def ladder(gpu, batch_size: int, seq_len: int, training: bool = True) -> list[tu
     extras = (("", {}), (" + checkpointing", {"gradient_checkpointing": True}),
               (" + 8-bit AdamW", {"optimizer": "paged_adamw8bit"}),
               (" + checkpointing + 8-bit AdamW", {"gradient_checkpointing": True, "optimizer": "paged_adamw8bit"}))
-    micro = [batch_size // k for k in range(1, batch_size + 1) if batch_size % k == 0]  # largest first
+    micro = [batch_size // k for k in range(1, batch_size + 1) if batch_size % k == 0]  # micro-batch rows, largest 1st
     rungs = []
     for base, base_toggles in bases:
         for extra, extra_toggles in extras:

@@ -80,15 +80,106 @@ def timeline(report, title: str = "", ax=None, unit: int = MiB, unit_name: str =
     return ax
 
 
+# GPU budget lines, one colour per GPU in a chart: none of them is a category colour (COLOURS).
+BUDGET_COLOURS = ("#222222", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
+
+
 def plan_bars(plans: dict, ax=None, title: str = ""):
-    """Stacked bars by category for ``{"label": helpers.planner.Plan}``, with each GPU's budget as a line."""
+    """Stacked bars by category for ``{"label": helpers.planner.Plan}``. Over each bar, its GPU's budget as a
+    dashed line in that GPU's own colour, labelled in place ("T4: 13.4 GiB usable"); a peak's value label moves
+    above the line's label rather than touch it. The category legend sits below the plot, in two rows."""
+    from matplotlib.transforms import ScaledTranslation
+
     ax = stacked_bars({k: p.report for k, p in plans.items()}, title=title, ax=ax, unit=GiB, unit_name="GiB")
-    for text, p in zip(ax.texts, plans.values(), strict=False):  # stacked_bars writes whole units: too coarse here
-        text.set_text(f"{p.peak / GiB:,.1f}")
-    for gpu in dict.fromkeys(p.gpu for p in plans.values()):
-        ax.axhline(gpu.budget / GiB, color="black", linestyle="--", linewidth=1, label=f"{gpu.name} budget")
-    top = max(max(p.peak, p.gpu.budget) for p in plans.values())
-    ax.set_ylim(0, top / GiB * 1.12)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig, plans = ax.figure, list(plans.values())
+    values = ax.texts[-len(plans):]  # stacked_bars' totals, in whole units: too coarse here
+    below = ax.transAxes + ScaledTranslation(0, -24 / 72, fig.dpi_scale_trans)  # under the bar names
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=2, frameon=False,
+              fontsize=8, handlelength=1.2, columnspacing=1.2)
+    fig.tight_layout()
+    colours = {gpu: BUDGET_COLOURS[i % len(BUDGET_COLOURS)]
+               for i, gpu in enumerate(dict.fromkeys(p.gpu for p in plans))}
+    peaks, budgets = [p.peak / GiB for p in plans], [p.gpu.budget / GiB for p in plans]
+    height_pt = ax.get_position().height * fig.get_figheight() * 72
+    top = max(peaks + budgets) * 1.1
+    for _ in range(4):  # a line of text is a fixed height in points: its height in GiB depends on the top
+        h = top * 14 / height_pt  # one 8-9 pt line, 2 pt above its line, with a little air
+        at = [b + h if peak + h > b - 0.2 * h and peak < b + 1.2 * h else peak  # clear of the line's label
+              for peak, b in zip(peaks, budgets, strict=True)]
+        top = max([top] + [a + 1.3 * h for a in at] + [b + 1.3 * h for b in budgets])
+    ax.set_ylim(0, top)
+    for x, (p, value, peak, budget, y) in enumerate(zip(plans, values, peaks, budgets, at, strict=True)):
+        value.set_text(f"{peak:,.1f}")
+        value.set_position((x, y))
+        colour = colours[p.gpu]
+        ax.plot([x - 0.45, x + 0.45], [budget, budget], color=colour, linestyle="--", linewidth=2, zorder=3)
+        ax.annotate(f"{p.gpu.name}: {budget:,.1f} GiB usable", (x, budget), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8, color=colour, zorder=4,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colour, "lw": 0.6, "alpha": 0.9})
+    return ax
+
+
+# --- the course report's plots (helpers.tools.course_report): plain data in, a matplotlib Figure out ---------------
+
+def _figure(size):
+    from matplotlib.figure import Figure  # no pyplot: the report draws without a GUI or global state
+
+    return Figure(figsize=size)
+
+
+def measured_bars(parts_by_label: dict, title: str = "", ax=None):
+    """Stacked bars by category from plain data, ``{"label": {"weights": bytes, ...}}``; returns the axes."""
+    from .memory_report import MemoryReport
+
+    bars = {(label if len(label) <= 18 else label.replace(", ", ",\n", 1)): MemoryReport(**parts)
+            for label, parts in parts_by_label.items()}
+    if ax is None:
+        ax = _figure((2.6 + 1.7 * len(bars), 4.0)).subplots()
+    return stacked_bars(bars, title=title, ax=ax)
+
+
+def prediction_errors(rows: list, fig=None):
+    """Predicted against measured: ``[(label, predicted bytes, measured bytes), ...]``, both totals side by side and
+    the error in percent; returns the figure."""
+    fig = fig or _figure((11, 1.4 + 0.3 * len(rows)))
+    left, right = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    y = list(range(len(rows)))[::-1]
+    errors = [100 * (p - m) / m if m else 0.0 for _, p, m in rows]
+    left.barh([v + 0.2 for v in y], [m / MiB for _, _, m in rows], height=0.4, color="#4C72B0", label="measured")
+    left.barh([v - 0.2 for v in y], [p / MiB for _, p, _ in rows], height=0.4, color="#AAAAAA", label="predicted")
+    left.set_xlim(0, 1.3 * max(max(p, m) for _, p, m in rows) / MiB)  # room for the legend
+    left.set_yticks(y, [label for label, _, _ in rows], fontsize=8)
+    left.set_xlabel("peak MiB")
+    left.set_title("Predicted and measured")
+    left.legend(frameon=False, fontsize=8, loc="lower right")
+    limit = max(12.0, 1.25 * max(abs(e) for e in errors))
+    right.axvspan(-10, 10, color="#EEEEEE", label="within ±10 %")
+    right.axvline(0, color="black", lw=0.8)
+    right.scatter(errors, y, color=["#4C72B0" if abs(e) <= 10 else "#C44E52" for e in errors], zorder=3)
+    for e, v in zip(errors, y, strict=True):
+        right.annotate(f"{e:+.2f} %", (e, v), textcoords="offset points", xytext=(6, 3), fontsize=8)
+    right.set_xlim(-limit, limit)
+    right.set_xlabel("error %, (predicted - measured) / measured")
+    right.set_title("Error of the prediction")
+    right.legend(frameon=False, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def run_times(rows: list, ax=None):
+    """Minutes per lesson, ``[(name, seconds, passed), ...]``, failed ones in red; returns the axes."""
+    def said(s):
+        return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(round(s % 60)):02d} s"
+
+    if ax is None:
+        ax = _figure((8, 1.2 + 0.35 * len(rows))).subplots()
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [s / 60 for _, s, _ in rows], color=["#55A868" if ok else "#C44E52" for _, _, ok in rows])
+    for yy, (_, s, ok) in zip(y, rows, strict=True):
+        ax.text(s / 60, yy, f" {said(s)}" + ("" if ok else " (failed)"), va="center", fontsize=8)
+    ax.set_yticks(y, [name for name, _, _ in rows], fontsize=8)
+    ax.set_xlabel("minutes on this machine")
+    ax.set_title("Run time per lesson")
+    ax.set_xlim(0, max(s for _, s, _ in rows) / 60 * 1.3 or 1)
     ax.figure.tight_layout()
     return ax

@@ -18,32 +18,34 @@ from .loss import causal_lm_loss
 
 
 def make_train_step(model, optimizer, batch: dict, gradient_checkpointing: bool = False,
-                    accumulation_steps: int = 1, loss_chunk: int | None = None):
-    """A closure running one optimizer step on ``batch``; returns the loss as a float.
+                    gradient_accumulation_steps: int = 1, loss_chunk: int | None = None):
+    """A closure running one optimizer step on ``batch`` (every row of it: the batch is the optimizer step's);
+    returns the loss as a float.
 
-    With ``accumulation_steps=k`` the batch is split into k equal micro-batches along its first dimension;
+    With ``gradient_accumulation_steps=k`` the batch is split into k equal micro-batches along its first dimension;
     each micro-batch's loss is divided by k and back-propagated, the gradients add up in ``.grad``, and
     the optimizer steps once (equal micro-batches of unpadded tokens: lesson 07 shows when that is not enough).
     An ``OptimizerInBackward`` steps each parameter inside backward already: the step is forward and backward.
     ``loss_chunk``: compute the loss that many positions of every row at a time (``helpers.loss``, lesson 10).
     """
     in_backward = isinstance(optimizer, OptimizerInBackward)
-    if in_backward and accumulation_steps > 1:
+    k = gradient_accumulation_steps
+    if in_backward and k > 1:
         raise ValueError("an optimizer stepped inside backward cannot accumulate gradients: each gradient is "
-                         "consumed and freed as soon as it is ready (accumulation_steps must be 1)")
+                         "consumed and freed as soon as it is ready (gradient_accumulation_steps must be 1)")
     ensure_trainable(model)  # a 4-bit layer packed for CPU inference has no backward (helpers.cpu_packing)
     set_checkpointing(model, gradient_checkpointing)
     model.train()
     device = next(model.parameters()).device
     rows = len(next(iter(batch.values())))
-    if accumulation_steps < 1 or rows % accumulation_steps:
-        raise ValueError(f"accumulation_steps={accumulation_steps} must divide the batch's {rows} rows")
-    micro = [{k: v[i::accumulation_steps].to(device) for k, v in batch.items()} for i in range(accumulation_steps)]
+    if k < 1 or rows % k:
+        raise ValueError(f"gradient_accumulation_steps={k} must divide the batch's {rows} rows")
+    micro = [{name: v[i::k].to(device) for name, v in batch.items()} for i in range(k)]
 
     def step() -> float:
         total = 0.0
         for part in micro:
-            loss = causal_lm_loss(model, part, loss_chunk) / accumulation_steps
+            loss = causal_lm_loss(model, part, loss_chunk) / k
             loss.backward()
             total += loss.item()
         if not in_backward:

@@ -12,6 +12,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download from a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["COURSE_STRICT_CHECKS"] = "1"  # inherited by nbval's kernels: a failing check fails
 os.environ.setdefault("PYTHONPATH", str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one thread per worker and its kernels, not four
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# What makes a test slow, so `pytest -m "not slow"` is the inner loop: a solution notebook (nbval starts a kernel
+# and runs the lesson), a fixture that loads the real course model or runs the grader, or a check judged on a
+# model of the course model's size (the "course-shaped" dims). Tests that start a kernel or launch processes
+# carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = {"course_model", "course_tokenizer", "started"}  # started: the grader's runs (tests/test_grade.py)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        course_sized = getattr(item, "callspec", None) and item.callspec.params.get("dims") == "course-shaped"
+        if item.path.suffix == ".ipynb" or course_sized or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

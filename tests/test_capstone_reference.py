@@ -22,7 +22,7 @@ def shipped():
 
 def test_the_shipped_reference_is_the_jobs_full_fine_tune(shipped):
     assert shipped["job"] == WORKLOAD.job() == TIGHT_WORKLOAD.job()
-    assert shipped["recipe"] == capstone.REFERENCE_RECIPE and shipped["recipe"]["lr"] == FULL_FINETUNE_LR
+    assert shipped["setup"] == capstone.REFERENCE_SETUP and shipped["setup"]["lr"] == FULL_FINETUNE_LR
     assert shipped["trainable"] == capstone.course_dims().params  # every parameter trained
     assert shipped["naive_peak"] == sum(shipped["naive_peak_step"][c] for c in CATEGORIES)
     buffers = shipped["naive_peak_step"]["weights"] - 4 * capstone.course_dims().params  # fp32 parameters, plus
@@ -51,14 +51,14 @@ def test_the_predictor_agrees_with_the_shipped_peak(shipped):
 
 def test_another_job_needs_its_own_reference():
     with pytest.raises(ValueError, match="python -m helpers.capstone --reference"):
-        capstone.load_reference(Workload(steps=3))
+        capstone.load_reference(Workload(optimizer_steps=3))
 
 
 @pytest.mark.slow
 def test_the_reference_is_measured_again_to_the_same_numbers(shipped):
     """The full fine-tune on the job's batches and seed, through the referee (a few minutes on 2 cores)."""
     again = capstone.compute_reference(WORKLOAD)
-    assert again["job"] == shipped["job"] and len(again["steps"]) == WORKLOAD.steps
+    assert again["job"] == shipped["job"] and len(again["steps"]) == WORKLOAD.optimizer_steps
     assert again["naive_peak"] == pytest.approx(shipped["naive_peak"], rel=1e-3)
     assert again["ppl_pretrained"] == pytest.approx(shipped["ppl_pretrained"], rel=1e-3)
     # fp32 sums in another order (another CPU, another thread count) move six steps' result a little, far less

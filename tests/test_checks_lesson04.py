@@ -382,6 +382,7 @@ RED_TEAM = {
 }
 
 
+@pytest.mark.slow  # twenty cases of two seconds: each saves and reloads adapters
 @pytest.mark.parametrize("case", list(RED_TEAM))
 def test_switch_red_team(case):
     fn, word = RED_TEAM[case]

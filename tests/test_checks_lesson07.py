@@ -55,20 +55,20 @@ ITEMS = sum(n - 1 for n in LENGTHS)
 
 
 def budget_case(dims):
-    """A budget that fits micro-batches of 4 (k = 8) but not 8, at an effective batch of 32."""
-    peak = {b: predict(dims, FULL.but(batch_size=b, gradient_accumulation_steps=32 // b)).peak for b in (8, 4)}
+    """A budget that fits micro-batches of 4 (k = 8) but not 8, at a batch of 32 rows per optimizer step."""
+    peak = {b: predict(dims, FULL.but(batch_size=32, gradient_accumulation_steps=32 // b)).peak for b in (8, 4)}
     return (peak[4] + peak[8]) // 2
 
 
 def budget_context(dims):
-    return {"dims": dims, "recipe": FULL, "effective_batch": 32, "budget": budget_case(dims)}
+    return {"dims": dims, "recipe": FULL, "batch_size": 32, "budget": budget_case(dims)}
 
 
 def cases(dims):
     recipe = PEAK_RECIPE
     right = predict(dims, recipe)
-    whole = predict(dims, recipe.but(batch_size=4, gradient_accumulation_steps=1))
-    no_grads = predict(dims, recipe.but(gradient_accumulation_steps=1))
+    whole = predict(dims, recipe.but(gradient_accumulation_steps=1))
+    no_grads = predict(dims, recipe.but(batch_size=recipe.micro_batch_size, gradient_accumulation_steps=1))
     items = {"lengths": LENGTHS, "seq_len": SHORT}
     return {
         # name: (right answer, context, [(wrong answer, a word its hint must contain)])
@@ -83,7 +83,7 @@ def cases(dims):
                                (right.peak / 2**20, "MiB"), (right.peak / 2**20 * 1e6, "MiB"),
                                (right.peak * 8, "bits"), ("big", "number")]),
         "micro_batch_for_budget": ((4, 8), budget_context(dims),
-                                   [((8, 4), "over the"), ((2, 16), "larger micro-batch"), ((4, 4), "effective batch"),
+                                   [((8, 4), "over the"), ((2, 16), "larger micro-batch"), ((4, 4), "must stay"),
                                     ((32, 1), "over the"), ((4.5, 7), "whole numbers"), (4, "two numbers"),
                                     ((4, 8, 1), "two numbers"), ((0, 32), "whole numbers")]),
         "diagnose_out_of_memory": ("a", oom_context(),
@@ -118,7 +118,8 @@ def test_the_budgets_leave_headroom_for_the_cuda_context_and_allocator():
     assert OOM_BUDGET == int(lesson07.OOM_CARD_GB * 1e9 * USABLE) < lesson07.OOM_CARD_GB * 1e9
     micro, k = split_for_budget(COURSE, BUDGET_RECIPE, EFFECTIVE_ROWS, BUDGET)
     assert (micro, k) == (4, 8)
-    assert predict(COURSE, BUDGET_RECIPE.but(batch_size=micro, gradient_accumulation_steps=k)).peak < 0.9 * BUDGET
+    fitted = BUDGET_RECIPE.but(batch_size=EFFECTIVE_ROWS, gradient_accumulation_steps=k)
+    assert fitted.micro_batch_size == micro and predict(COURSE, fitted).peak < 0.9 * BUDGET
 
 
 def test_the_diagnosis_is_decided_by_a_clear_margin():
@@ -153,7 +154,7 @@ def test_the_diagnosis_follows_the_context_not_a_fixed_letter():
     assert grade("diagnose_out_of_memory", "a", ctx).status == PASS
     assert grade("diagnose_out_of_memory", "b", ctx).status == FAIL
     # two options, a budget between them: only checkpointing fits
-    options = {"a": {"batch_size": 8, "gradient_accumulation_steps": 2}, "b": {"gradient_checkpointing": True}}
+    options = {"a": {"gradient_accumulation_steps": 2}, "b": {"gradient_checkpointing": True}}
     peaks = {k: r.peak for k, r in oom_reports(oom_dims(), OOM_RECIPE, options).items()}
     assert peaks["b"] < peaks["a"]
     ctx = oom_context(budget=(peaks["a"] + peaks["b"]) // 2, options=options)
@@ -187,10 +188,11 @@ def test_token_count_with_several_rows_per_micro_batch():
 
 def test_full_fine_tuning_peak(dims):
     """The same check for full fine-tuning, where the gradients are a large share of the peak."""
-    recipe = Recipe(batch_size=2, seq_len=128, gradient_accumulation_steps=4)
+    recipe = Recipe(batch_size=8, seq_len=128, gradient_accumulation_steps=4)
     ctx = {"dims": dims, "recipe": recipe}
     assert grade("accumulation_peak", predict(dims, recipe).peak, ctx).passed
-    forgot = grade("accumulation_peak", predict(dims, recipe.but(gradient_accumulation_steps=1)).peak, ctx)
+    forgot = grade("accumulation_peak", predict(dims, recipe.but(batch_size=2, gradient_accumulation_steps=1)).peak,
+                   ctx)
     assert forgot.status == FAIL and "gradients" in forgot.message
 
 
@@ -198,7 +200,7 @@ def test_split_for_budget_finds_the_largest_and_none_below_the_floor(dims):
     budget = budget_case(dims)
     assert split_for_budget(dims, FULL, 32, budget) == (4, 8)
     assert split_for_budget(dims, FULL, 32, 10**12) == (32, 1)
-    floor = predict(dims, FULL.but(batch_size=1, gradient_accumulation_steps=32)).peak
+    floor = predict(dims, FULL.but(batch_size=32, gradient_accumulation_steps=32)).peak
     assert split_for_budget(dims, FULL, 32, floor - 1) is None
 
 
@@ -239,7 +241,7 @@ def test_micro_batch_for_budget_red_team(dims):
 def test_reasonable_forms_pass(dims):
     ctx = budget_context(dims)
     for answer in ((4, 8), [4, 8], (np.int64(4), np.int32(8)), (4.0, 8.0), {"micro_batch": 4, "k": 8},
-                   (torch.tensor(4), 8)):
+                   {"micro_batch_size": 4, "gradient_accumulation_steps": 8}, (torch.tensor(4), 8)):
         assert grade("micro_batch_for_budget", answer, ctx).status == PASS, answer
     peak = predict(dims, PEAK_RECIPE).peak
     table = [round(peak / 2**20, 1) * 2**20, round(peak / 2**20) * 2**20] if dims == COURSE else []  # MiB, read back
@@ -267,7 +269,7 @@ def test_trusted_context_is_the_course_config_and_the_lessons_constants():
     assert EXERCISES["num_items_in_batch"].trusted_context() == {"lengths": LENGTHS, "seq_len": SHORT}
     assert EXERCISES["accumulation_peak"].trusted_context() == {"dims": COURSE, "recipe": PEAK_RECIPE}
     assert EXERCISES["micro_batch_for_budget"].trusted_context() == {
-        "dims": COURSE, "recipe": BUDGET_RECIPE, "effective_batch": EFFECTIVE_ROWS, "budget": BUDGET}
+        "dims": COURSE, "recipe": BUDGET_RECIPE, "batch_size": EFFECTIVE_ROWS, "budget": BUDGET}
     assert grade("micro_batch_for_budget", (4, 8)).status == PASS
     assert grade("accumulation_peak", predict(COURSE, PEAK_RECIPE).peak).status == PASS
     assert EXERCISES["diagnose_out_of_memory"].trusted_context() == oom_context()
@@ -296,7 +298,7 @@ def test_the_notebooks_constants_are_the_checks():
     assert (nb["SHORT"], nb["SEQ"], nb["EFFECTIVE"]) == (SHORT, lesson07.SEQ, lesson07.EFFECTIVE)
     assert tuple(nb["LENGTHS"]) == LENGTHS
     k = lesson07.K
-    assert nb["lora_recipe"].but(batch_size=nb["EFFECTIVE"] // k, gradient_accumulation_steps=k) == PEAK_RECIPE
+    assert nb["lora_recipe"].but(batch_size=nb["EFFECTIVE"], gradient_accumulation_steps=k) == PEAK_RECIPE
     assert (nb["budget_recipe"], nb["EFFECTIVE_ROWS"], nb["BUDGET"]) == (BUDGET_RECIPE, EFFECTIVE_ROWS, BUDGET)
     assert (nb["oom_recipe"], nb["OOM_BUDGET"]) == (OOM_RECIPE, OOM_BUDGET)
     source = "\n".join(c.source for c in notebook().cells)
@@ -313,7 +315,7 @@ def test_the_solutions_answers_pass():
     """The code between BEGIN and END SOLUTION, run on the course model's shapes (exercise 2 on the predicted
     breakdown of the k = 1 baseline the notebook measures, within 0.01 % of it there)."""
     regions = [text for _, text in solution_regions(notebook())]
-    baseline = predict(COURSE, PEAK_RECIPE.but(batch_size=4, gradient_accumulation_steps=1))
+    baseline = predict(COURSE, PEAK_RECIPE.but(gradient_accumulation_steps=1))
     n_adapter = COURSE.lora_params(16) * COURSE.layers
     namespace = {"dims": COURSE, "Recipe": Recipe, "predict": predict, "LENGTHS": list(LENGTHS),
                  "budget_recipe": BUDGET_RECIPE, "BUDGET": BUDGET, "baseline": baseline, "n_adapter": n_adapter,
@@ -322,7 +324,7 @@ def test_the_solutions_answers_pass():
         exec(text, namespace)
     contexts = {"num_items_in_batch": {"lengths": LENGTHS, "seq_len": SHORT},
                 "accumulation_peak": {"dims": COURSE, "recipe": PEAK_RECIPE},
-                "micro_batch_for_budget": {"dims": COURSE, "recipe": BUDGET_RECIPE, "effective_batch": EFFECTIVE_ROWS,
+                "micro_batch_for_budget": {"dims": COURSE, "recipe": BUDGET_RECIPE, "batch_size": EFFECTIVE_ROWS,
                                            "budget": BUDGET},
                 "diagnose_out_of_memory": oom_context()}
     answers = {"num_items_in_batch": namespace["items"], "accumulation_peak": namespace["peak_k4"],

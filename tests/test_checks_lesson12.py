@@ -4,7 +4,7 @@ Exercise 1 is judged from plain data. Exercises 2 and 3 (the capstone's two tier
 (``helpers.capstone.attempt``), tried on a tiny
 random model with the course model's vocabulary, which these tests make "the course model" by patching
 ``helpers.capstone.course_dims``: each run costs a second or two, so every cheat gets its own run. One slow
-test runs a real QLoRA recipe on the course model, through the probe and the judge, as the grader does.
+test runs a real QLoRA setup on the course model, through the probe and the judge, as the grader does.
 """
 
 import json
@@ -26,7 +26,7 @@ from helpers.constants import ROOT
 from helpers.data import heldout_perplexity
 from helpers.estimate import Dims, Recipe, lora_bytes, predict, rotary_buffer_bytes
 from helpers.exercises import lesson12
-from helpers.exercises.lesson12 import PLAN, SLIPS, probe_recipe, probe_smallest_recipe, probe_tight_recipe
+from helpers.exercises.lesson12 import PLAN_RECIPE, SLIPS, probe_setup, probe_smallest_setup, probe_tight_setup
 from helpers.loss import causal_lm_loss, next_token_targets
 from helpers.memory import CATEGORIES, LABELS, MemoryReport, MiB, unmetered
 from helpers.models import load_model, tiny_config, tiny_model
@@ -41,9 +41,9 @@ STUDENT = ROOT / "notebooks" / "12_fit_the_budget.ipynb"
 def test_every_registered_exercise_has_cases():
     assert registered("12") == {"capstone_prediction", "fit_the_budget", "fit_the_tight_budget",
                                 "fit_the_smallest_budget"}
-    assert EXERCISES["fit_the_smallest_budget"].probe is probe_smallest_recipe
-    assert EXERCISES["fit_the_budget"].probe is probe_recipe and EXERCISES["fit_the_budget"].points == 3
-    assert EXERCISES["fit_the_tight_budget"].probe is probe_tight_recipe
+    assert EXERCISES["fit_the_smallest_budget"].probe is probe_smallest_setup
+    assert EXERCISES["fit_the_budget"].probe is probe_setup and EXERCISES["fit_the_budget"].points == 3
+    assert EXERCISES["fit_the_tight_budget"].probe is probe_tight_setup
     assert EXERCISES["capstone_prediction"].kind == "predict"
     assert EXERCISES["capstone_prediction"].tolerance == lesson12.TOLERANCE
     assert {EXERCISES[n].kind for n in ("fit_the_budget", "fit_the_tight_budget", "fit_the_smallest_budget")} == {
@@ -54,25 +54,25 @@ def test_every_registered_exercise_has_cases():
 
 
 def test_the_notebook_plans_what_the_check_judges():
-    """The solution builds its plan from the same job (helpers.capstone.WORKLOAD) as PLAN: they agree."""
+    """The solution builds its plan from the same job (helpers.capstone.WORKLOAD) as PLAN_RECIPE: they agree."""
     cells = [c.source for c in nbformat.read(SOLUTION, as_version=4).cells if c.cell_type == "code"]
     source = next(s for s in cells if "plan_recipe = Recipe(" in s)
     line = source[source.index("plan_recipe = Recipe("):source.index("### END SOLUTION")].split("\nplan_prediction")[0]
     space = {"Recipe": Recipe, "BATCH": WORKLOAD.batch_size, "SEQ": WORKLOAD.seq_len}
     exec(line, space)
-    assert space["plan_recipe"] == PLAN
+    assert space["plan_recipe"] == PLAN_RECIPE
     assert (lesson12.BUDGET, lesson12.TIGHT_BUDGET, lesson12.BATCH, lesson12.SEQ) == (500 * MiB, 220 * MiB, 8, 128)
     assert any("check(\"capstone_prediction\", plan_prediction)" in s for s in cells)
-    assert any("check(\"fit_the_budget\", my_recipe)" in s for s in cells)
-    assert any("check(\"fit_the_tight_budget\", tight_recipe)" in s for s in cells)
+    assert any("check(\"fit_the_budget\", my_setup)" in s for s in cells)
+    assert any("check(\"fit_the_tight_budget\", tight_setup)" in s for s in cells)
 
 
 def test_the_student_notebook_holds_no_recipe_but_the_failing_ones():
     """Every function of the student notebook that returns (model, optimizer, step) is one the lesson shows
-    failing: the plan of exercise 1 (fits, learns too little). The course's own recipes are solutions only."""
+    failing: the plan of exercise 1 (fits, learns too little). The course's own setups are solutions only."""
     import ast
 
-    recipes = []
+    setups = []
     for cell in nbformat.read(STUDENT, as_version=4).cells:
         if cell.cell_type != "code":
             continue
@@ -82,8 +82,8 @@ def test_the_student_notebook_holds_no_recipe_but_the_failing_ones():
             if isinstance(node, ast.FunctionDef) and any(
                     isinstance(r, ast.Return) and isinstance(r.value, ast.Tuple) and len(r.value.elts) == 3
                     for r in node.body):
-                recipes.append(node.name)
-    assert recipes == ["qv_recipe"], recipes
+                setups.append(node.name)
+    assert setups == ["qv_setup"], setups
     solution = "\n".join(c.source for c in nbformat.read(SOLUTION, as_version=4).cells)
     assert "assert plan_run.fits and not plan_passed" in solution  # the lesson shows it fitting, and failing
 
@@ -96,11 +96,11 @@ def as_mib(report, factor=1.0):
 
 
 def test_capstone_prediction_grades_right_blank_and_wrong(dims):
-    want = predict(dims, PLAN)
+    want = predict(dims, PLAN_RECIPE)
     right = as_mib(want)
     tolerance = {c: lesson12._tolerance(getattr(want, c)) / MiB for c in CATEGORIES}
-    wrong = [(as_mib(predict(dims, recipe)), hint.split(":")[0][:30]) for recipe, hint in SLIPS
-             if grade("capstone_prediction", as_mib(predict(dims, recipe)), {"dims": dims}).status == FAIL
+    wrong = [(as_mib(predict(dims, slip)), hint.split(":")[0][:30]) for slip, hint in SLIPS
+             if grade("capstone_prediction", as_mib(predict(dims, slip)), {"dims": dims}).status == FAIL
              or dims == COURSE]  # on a tiny model a few slips change nothing (8-bit AdamW keeps small tensors fp32)
     wrong += [
         (as_mib(want, 1.048576), "MB (10^6 bytes), not MiB"),  # every category in MB
@@ -119,7 +119,7 @@ def test_capstone_prediction_grades_right_blank_and_wrong(dims):
 
 
 def test_capstone_prediction_takes_predicts_report_its_mib_and_label_names(dims):
-    want = predict(dims, PLAN)
+    want = predict(dims, PLAN_RECIPE)
     labelled = {LABELS[c]: getattr(want, c) / MiB for c in CATEGORIES}
     exact = {c: getattr(want, c) / MiB for c in CATEGORIES}
     for answer in (want, want.mib(), labelled, {**exact, "peak": want.peak / MiB}):
@@ -128,29 +128,30 @@ def test_capstone_prediction_takes_predicts_report_its_mib_and_label_names(dims)
 
 def test_capstone_prediction_tolerance_is_two_decimals_and_no_more():
     """On the course model: every category rounded to two decimals of a MiB passes; each named slip fails."""
-    want = predict(COURSE, PLAN)
+    want = predict(COURSE, PLAN_RECIPE)
     for rounding in (lambda x: math.floor(100 * x) / 100, lambda x: math.ceil(100 * x) / 100, lambda x: round(x, 2)):
         rounded = {c: rounding(getattr(want, c) / MiB) for c in CATEGORIES}
         assert grade("capstone_prediction", rounded, {"dims": COURSE}).status == PASS, rounded
     d = COURSE
     packed = d.layers * sum(o * i for o, i in d.linear_shapes()) / 2  # nf4: half a byte per weight
-    adapters = lora_bytes(d, PLAN)
+    adapters = lora_bytes(d, PLAN_RECIPE)
     no_constants = {**as_mib(want), "weights": (packed + d.unquantized_params * 4 + rotary_buffer_bytes(d)
                                                 + adapters) / MiB}
     assert 1.5 < want.weights / MiB - no_constants["weights"] < 2  # the absmax constants: 1.8 MiB
     no_adapters = {**as_mib(want), "weights": (want.weights - adapters) / MiB}
-    no_inputs = {**as_mib(want), "activations": (want.activations - d.layers * PLAN.batch_size * 128 * d.hidden * 4)
-                 / MiB}
+    inputs = d.layers * PLAN_RECIPE.micro_batch_size * 128 * d.hidden * 4  # the checkpointed blocks' inputs
+    no_inputs = {**as_mib(want), "activations": (want.activations - inputs) / MiB}
     one_decimal = {c: round(getattr(want, c) / MiB, 1) for c in CATEGORIES}  # gradients 1.76 -> 1.8: 2.4 % off
     for slip, word in ((no_constants, "weights"), (no_adapters, "weights"), (no_inputs, "activations"),
-                       (as_mib(want, 1.048576), "MB"), (as_mib(predict(d, PLAN.but(double_quant=False))), "absmax"),
+                       (as_mib(want, 1.048576), "MB"),
+                       (as_mib(predict(d, PLAN_RECIPE.but(double_quant=False))), "absmax"),
                        (one_decimal, "gradients")):
         result = grade("capstone_prediction", slip, {"dims": COURSE})
         assert result.status == FAIL and result.points == 0 and word in result.message, (slip, result.message)
 
 
 def test_capstone_prediction_reads_what_a_lying_dict_holds():
-    want = as_mib(predict(COURSE, PLAN))
+    want = as_mib(predict(COURSE, PLAN_RECIPE))
 
     class Liar(dict):  # holds zeros, says the right numbers
         def __getitem__(self, key):
@@ -167,11 +168,11 @@ def test_capstone_prediction_reads_what_a_lying_dict_holds():
 
 
 def test_every_slip_is_a_different_prediction():
-    want = predict(COURSE, PLAN)
-    for recipe, _ in SLIPS:
-        slip = predict(COURSE, recipe)
+    want = predict(COURSE, PLAN_RECIPE)
+    for slip_recipe, _ in SLIPS:
+        slip = predict(COURSE, slip_recipe)
         assert any(abs(getattr(slip, c) - getattr(want, c)) > lesson12._tolerance(getattr(want, c))
-                   for c in CATEGORIES), recipe
+                   for c in CATEGORIES), slip_recipe
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_a_judge_without_a_readable_reference_gives_no_points(reference):
 # ------------------------------------------------------------------------------------------------
 VOCAB = 49152
 TINY = dict(vocab_size=VOCAB, intermediate_size=128)  # bitsandbytes' CPU packing needs multiples of 64
-JOB = Workload(batch_size=2, seq_len=32, steps=2, eval_chunks=1, budget=500 * MiB, quality=1.5)  # seconds a run
+JOB = Workload(batch_size=2, seq_len=32, optimizer_steps=2, eval_chunks=1, budget=500 * MiB, quality=1.5)  # seconds
 
 
 @pytest.fixture(scope="module")
@@ -313,33 +314,33 @@ def tiny_ref(ppl):
     return {"ppl_pretrained": ppl, "ppl_full_finetune": ppl, "naive_peak": 100 * MiB}
 
 
-def run(recipe, reference, workload=JOB):
+def run(setup, reference, workload=JOB):
     """What the grader does: the probe's data (plain, JSON-able, small), then the verdict on the lesson's terms."""
-    data = plain(probe_recipe(recipe, workload))
+    data = plain(probe_setup(setup, workload))
     assert len(json.dumps(data)) < 100_000
     return verdict("fit_the_budget", data, context={"workload": workload, "reference": tiny_ref(reference)})
 
 
 def lora(step_of=None, lr=1e-2, checkpointing=True, build=None):
-    """A LoRA recipe on the tiny model; ``step_of(model, optimizer, honest)`` makes a different step."""
-    def recipe():
+    """A LoRA setup on the tiny model; ``step_of(model, optimizer, honest)`` makes a different step."""
+    def setup():
         model = build() if build else get_peft_model(
             tiny_model(**TINY), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
         def honest(batch):
             return make_train_step(model, optimizer, batch, gradient_checkpointing=checkpointing,
-                                   accumulation_steps=len(batch["input_ids"]))()
+                                   gradient_accumulation_steps=len(batch["input_ids"]))()
         return model, optimizer, (step_of(model, optimizer, honest) if step_of else honest)
-    return recipe
+    return setup
 
 
 def full(lr=1e-3):
-    def recipe():
+    def setup():
         model = tiny_model(**TINY)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         return model, optimizer, lambda batch: make_train_step(model, optimizer, batch)()
-    return recipe
+    return setup
 
 
 def reentrant():
@@ -378,12 +379,12 @@ def token_normalised():
     return model, optimizer, step
 
 
-@pytest.mark.parametrize("recipe", [lora(), lora(checkpointing=False), full(), reentrant, token_normalised],
+@pytest.mark.parametrize("setup", [lora(), lora(checkpointing=False), full(), reentrant, token_normalised],
                          ids=["lora+checkpointing", "lora", "full fine-tune", "reentrant, own loop",
                               "token-normalised micro-batches"])
-def test_honest_recipes_pass_with_every_step_measured(tiny_course, recipe):
-    data = plain(probe_recipe(recipe, JOB))
-    assert len(data["steps"]) == JOB.steps and data["problems"] == [] and data["ppl_end"] < data["ppl_start"]
+def test_honest_setups_pass_with_every_step_measured(tiny_course, setup):
+    data = plain(probe_setup(setup, JOB))
+    assert len(data["steps"]) == JOB.optimizer_steps and data["problems"] == [] and data["ppl_end"] < data["ppl_start"]
     assert all(set(CATEGORIES) <= set(step) for step in data["steps"])
     result = verdict("fit_the_budget", data, context={"workload": JOB, "reference": tiny_ref(tiny_course)})
     assert result.status == PASS and result.points == 3, result.message
@@ -687,7 +688,7 @@ def patched_forward():
     return model, optimizer, step
 
 
-@pytest.mark.parametrize("recipe,words", [
+@pytest.mark.parametrize("setup,words", [
     (LoraConfig(r=8), "give the function itself"),
     (lambda: (None, None), "three things"),
     (lambda: Triple((1, 2)), "three things"),  # a tuple that says it holds three things
@@ -701,9 +702,9 @@ def patched_forward():
     (lambda: 1 / 0, "your function raised ZeroDivisionError"),
     (lambda: sys.exit(3), "your function raised SystemExit"),
 ])
-def test_malformed_and_lying_recipes_get_a_sentence(tiny_course, recipe, words):
-    result = grade("fit_the_budget", recipe, {"workload": JOB, "reference": tiny_ref(tiny_course)}) if not callable(
-        recipe) else run(recipe, tiny_course)
+def test_malformed_and_lying_setups_get_a_sentence(tiny_course, setup, words):
+    result = grade("fit_the_budget", setup, {"workload": JOB, "reference": tiny_ref(tiny_course)}) if not callable(
+        setup) else run(setup, tiny_course)
     assert result.status == FAIL and result.points == 0 and words in result.message, result.message
 
 
@@ -715,7 +716,7 @@ def test_blank_is_not_attempted():
 
 def test_a_workload_needs_two_steps():
     with pytest.raises(ValueError, match="at least 2 steps"):
-        Workload(steps=1)
+        Workload(optimizer_steps=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -729,7 +730,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def qlora(folder):
-    def recipe():
+    def setup():
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
         model = prepare_model_for_kbit_training(load_model(folder, quantization_config=quantization),
@@ -737,15 +738,15 @@ def qlora(folder):
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         return model, optimizer, lambda batch: make_train_step(model, optimizer, batch, gradient_checkpointing=True,
-                                                               accumulation_steps=2)()
-    return recipe
+                                                               gradient_accumulation_steps=2)()
+    return setup
 
 
-def evaluated_first(recipe, reenable=False):
-    """``recipe``, with the model evaluated in eval mode without gradients before it is returned (the trap);
+def evaluated_first(setup, reenable=False):
+    """``setup``, with the model evaluated in eval mode without gradients before it is returned (the trap);
     ``reenable`` first switches bitsandbytes' packing back on, as a model from from_pretrained has it."""
     def build():
-        model, optimizer, step = recipe()
+        model, optimizer, step = setup()
         if reenable:
             for layer in model.modules():
                 if hasattr(layer, "support_avx512bf16_for_cpu"):  # every bitsandbytes Linear4bit
@@ -764,8 +765,8 @@ def test_a_model_packed_before_the_first_step_is_refused_on_every_cpu(tiny_cours
 
 
 def test_evaluating_a_model_from_load_model_before_returning_it_is_harmless(tiny_course, tiny_checkpoint, avx512bf16):
-    data = plain(probe_recipe(evaluated_first(qlora(tiny_checkpoint)), JOB))
-    assert data["problems"] == [] and len(data["steps"]) == JOB.steps, data
+    data = plain(probe_setup(evaluated_first(qlora(tiny_checkpoint)), JOB))
+    assert data["problems"] == [] and len(data["steps"]) == JOB.optimizer_steps, data
     result = verdict("fit_the_budget", data, context={"workload": JOB, "reference": tiny_ref(data["ppl_start"])})
     assert result.status == PASS, result.message
 
@@ -796,9 +797,9 @@ def test_layers_packed_during_the_run_are_refused(tiny_course, tiny_checkpoint, 
 
 
 # ------------------------------------------------------------------------------------------------
-# The real thing: a QLoRA recipe on the course model, through the probe and the judge
+# The real thing: a QLoRA setup on the course model, through the probe and the judge
 # ------------------------------------------------------------------------------------------------
-SMALL = Workload(batch_size=2, seq_len=128, steps=2, eval_chunks=2, budget=500 * MiB, quality=1.5)
+SMALL = Workload(batch_size=2, seq_len=128, optimizer_steps=2, eval_chunks=2, budget=500 * MiB, quality=1.5)
 
 
 @pytest.mark.slow
@@ -807,7 +808,7 @@ def test_a_real_qlora_recipe_fits_learns_and_passes():
     poisoned = capstone.course_corpus()
     poisoned.heldout_index = poisoned.train_index[:2]
 
-    def recipe():
+    def setup():
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
         model = prepare_model_for_kbit_training(load_model(quantization_config=quantization),
@@ -815,8 +816,8 @@ def test_a_real_qlora_recipe_fits_learns_and_passes():
         model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         return model, optimizer, lambda batch: make_train_step(model, optimizer, batch, gradient_checkpointing=True,
-                                                               accumulation_steps=2)()
-    data = plain(probe_recipe(recipe, SMALL))
+                                                               gradient_accumulation_steps=2)()
+    data = plain(probe_setup(setup, SMALL))
     assert capstone.course_corpus() is not poisoned
     assert data.get("problems") == [] and len(data["steps"]) == 2, data
     steps = [capstone.step_peak(s) / MiB for s in data["steps"]]
@@ -831,12 +832,12 @@ def test_the_lesson_table_gets_each_checks_last_run_and_grading_never_reads_it(t
 
     run(lora(), tiny_course)
     shown = measured("fit_the_budget")
-    assert shown is not None and shown.problems == [] and len(shown.reports) == JOB.steps
+    assert shown is not None and shown.problems == [] and len(shown.reports) == JOB.optimizer_steps
     row = shown.tier_row()
     assert row["naive / peak (x)"] == pytest.approx(capstone.load_reference()["naive_peak"] / shown.peak)
-    run(lambda: 1 / 0, tiny_course)  # a recipe that cannot run leaves nothing to show
+    run(lambda: 1 / 0, tiny_course)  # a setup that cannot run leaves nothing to show
     assert measured("fit_the_budget") is None
-    data = plain(probe_tight_recipe(lora(), JOB))
+    data = plain(probe_tight_setup(lora(), JOB))
     assert data["problems"] == [] and measured("fit_the_tight_budget").workload.budget == TIGHT_WORKLOAD.budget
-    data = plain(probe_smallest_recipe(lora(), JOB))
+    data = plain(probe_smallest_setup(lora(), JOB))
     assert data["problems"] == [] and measured("fit_the_smallest_budget").workload.budget == SMALLEST_WORKLOAD.budget

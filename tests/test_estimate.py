@@ -89,6 +89,21 @@ def test_recipe_mistakes_get_a_clear_message():
         predict(tiny_config(), Recipe(weights="nf4"))
     with pytest.raises(ValueError, match="whole number"):
         Recipe(gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        Recipe(batch_size=6, gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match="rows per optimizer step"):
+        Recipe(batch_size=0)
+
+
+def test_batch_size_is_the_optimizer_steps_and_the_micro_batch_follows():
+    """batch_size is the rows of one optimizer step; one forward and backward sees batch_size // k of them."""
+    cfg = tiny_config()
+    assert Recipe(batch_size=8, gradient_accumulation_steps=4).micro_batch_size == 2
+    assert Recipe(batch_size=8).micro_batch_size == 8
+    accumulated = predict(cfg, Recipe(batch_size=8, seq_len=32, gradient_accumulation_steps=4))
+    whole = predict(cfg, Recipe(batch_size=2, seq_len=32))
+    assert accumulated.activations >= whole.activations  # one micro-batch of 2 alive, plus the gradient being added
+    assert accumulated.activations < predict(cfg, Recipe(batch_size=8, seq_len=32)).activations
 
 
 @pytest.mark.parametrize("optimizer,blocks", [("sgd_plain", None), ("sgd", None), ("adamw", 1), ("sgd", 2)])
@@ -111,6 +126,7 @@ def test_sgd_and_frozen_recipes_within_10_percent(optimizer, blocks):
     assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
 
 
+@pytest.mark.slow
 def test_benchmark_subset_on_the_course_model():
     """Two of ``python -m helpers.tools.benchmark``'s cases, on the real course model: the int8 layers' inputs kept
     through checkpointing, and training only the bottom blocks with SGD (the engines' cases run on the tiny model
@@ -311,14 +327,16 @@ def test_gradient_accumulation_within_10_percent_on_tiny_model(b, t, k, ckpt, ti
     ids = torch.randint(0, model.config.vocab_size, (b * k, t), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_checkpointing=ckpt,
-                           accumulation_steps=k)
+                           gradient_accumulation_steps=k)
     step()
     measured = measure(step, model=model, optimizer=opt)
-    recipe = Recipe(batch_size=b, seq_len=t, gradient_checkpointing=ckpt, gradient_accumulation_steps=k)
+    recipe = Recipe(batch_size=b * k, seq_len=t, gradient_checkpointing=ckpt, gradient_accumulation_steps=k)
+    assert recipe.micro_batch_size == b
     predicted = predict(model.config, recipe)
     assert "accumulating" in predicted.moment and predicted.gradients == measured.gradients
     assert abs(predicted.peak / measured.peak - 1) < 0.10, compare(predicted, measured)
-    assert predicted.peak > predict(model.config, recipe.but(gradient_accumulation_steps=1)).peak
+    one_micro_batch = recipe.but(batch_size=b, gradient_accumulation_steps=1)
+    assert predicted.peak > predict(model.config, one_micro_batch).peak
 
 
 @pytest.mark.parametrize("vocab,b,t,ckpt", [(1000, 8, 128, False), (1000, 1, 16, False), (8000, 2, 64, False),
@@ -482,9 +500,9 @@ def test_optimizer_in_backward_within_1_percent_and_updates_like_the_plain_step(
     assert abs(predicted.peak / measured.peak - 1) < 0.01, compare(predicted, measured)
     assert measured.gradients <= max(p.numel() for p in fused_model.parameters()) * 4  # one gradient at most
     with pytest.raises(ValueError, match="accumulate"):
-        make_train_step(fused_model, fused, batch, accumulation_steps=2)
+        make_train_step(fused_model, fused, batch, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="optimizer_in_backward"):
-        Recipe(optimizer_in_backward=True, gradient_accumulation_steps=2)
+        Recipe(optimizer_in_backward=True, batch_size=2, gradient_accumulation_steps=2)
 
 
 @pytest.mark.parametrize("rank", [4, 16, 100])

@@ -54,3 +54,11 @@ def test_training_arguments_are_the_course_defaults():
     args = training_arguments(steps=7, lr=1e-3, batch_size=4, logging_steps=3)
     assert (args.max_steps, args.learning_rate, args.per_device_train_batch_size) == (7, 1e-3, 4)
     assert args.lr_scheduler_type == "constant" and args.save_strategy == "no" and args.logging_steps == 3
+
+
+def test_training_arguments_batch_size_is_the_optimizer_steps():
+    """batch_size is the rows of one optimizer step; Trainer gets them as k micro-batches of batch_size // k."""
+    args = training_arguments(steps=2, lr=1e-3, batch_size=8, gradient_accumulation_steps=4)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 4)
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        training_arguments(steps=2, lr=1e-3, batch_size=6, gradient_accumulation_steps=4)

@@ -1,14 +1,19 @@
 """The instructor's batch grader (helpers/tools/grade.py), end to end through its command line.
 
-Two grader runs do the work: one over lesson 00 submissions (the solution, the blank student notebook, a
-student notebook that cheats, and files that are not lesson 00 notebooks at all), one over tiny synthetic
-lesson 00 notebooks with short limits (an infinite loop, a memory hog). Lesson 00 is the fastest lesson,
-about a minute a run on two cores; everything else here runs no kernel.
+The grader runs on a small synthetic course tree (``course``: a copy of helpers/, a short lesson 00 whose exercise
+and check cells are the real lesson's, and lessons 01 and 02's solutions, which are read, never run), the way the
+red-team tests point it at a tree with ``root=``. Four grader runs do the work, started together (``started``): one
+over lesson 00 submissions (the short solution, the real blank student notebook, a notebook that cheats, files that
+are not lesson 00 notebooks at all), one over tiny notebooks with short limits (an infinite loop, a memory hog), one
+of red-team attacks in the sandbox, one of the same attack without a sandbox on a copy of the course. The real
+lesson 00 student notebook, run once as the blank submission, is the only real lesson executed here (about a minute
+on two cores); the exercises' checks have their own tests (tests/test_checks_lessonNN.py).
 """
 
 import csv
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +23,7 @@ import pytest
 
 from helpers.constants import LESSON_PATTERN, ROOT
 from helpers.tools import grade
-from helpers.tools.notebooks import CODE_STUB
+from helpers.tools.notebooks import CODE_STUB, student_version
 
 SOLUTION_00 = ROOT / "solutions" / "00_where_the_memory_goes.ipynb"
 STUDENT_00 = ROOT / "notebooks" / "00_where_the_memory_goes.ipynb"
@@ -45,9 +50,22 @@ def _env():
     return {**os.environ, "COURSE_STRICT_CHECKS": "1"}  # the graded kernels must not inherit it
 
 
-def run_grader(*args, cwd=ROOT, timeout=3000):  # generous: three lesson runs on a busy 2-core machine
-    return subprocess.run([sys.executable, "-m", "helpers.tools.grade", *map(str, args)], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+class Grader:
+    """``python -m helpers.tools.grade ARGS`` started in the background, run from the course tree ``root`` (the one it
+    grades against). The test's grader runs overlap: much of their time is kernels starting and limits running out."""
+
+    def __init__(self, *args, root: Path, log: Path, **env):
+        log.mkdir(parents=True, exist_ok=True)
+        self.stdout, self.stderr = open(log / "stdout", "w+"), open(log / "stderr", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "helpers.tools.grade", *map(str, args)], cwd=root,
+                                     env={**_env(), "PYTHONPATH": str(root), **env}, stdout=self.stdout,
+                                     stderr=self.stderr, text=True)
+
+    def wait(self, timeout=1200) -> subprocess.CompletedProcess:
+        returncode = self.proc.wait(timeout=timeout)
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, returncode, self.stdout.read(), self.stderr.read())
 
 
 def read_rows(path: Path) -> dict[str, dict]:
@@ -65,9 +83,46 @@ def notebook(*cells):
     return nb
 
 
-def cheating_student_notebook():
+# The short lesson 00 of the synthetic course: the real lesson's set-up cell, exercise cells and check cells (same
+# ids and sources, so the real student notebook is told as this lesson), with the names they need made cheaply.
+SHORT_00_SETUP = ("from helpers.checks import check\nfrom helpers.capstone import course_dims\n"
+                  "from helpers.estimate import Dims\nfrom helpers.models import reference_config\n"
+                  "n_params = course_dims().params")
+
+
+def short_lesson_00():
+    real = nbformat.read(SOLUTION_00, as_version=4)
+    keep = [c for c in real.cells if c.cell_type == "code" and (
+        "course set-up" in c.source or "### BEGIN SOLUTION" in c.source or c.source.startswith("check(")
+        or c.source.startswith("llama3 = "))]
+    setup = nbformat.v4.new_code_cell(SHORT_00_SETUP)
+    setup["id"] = "short-lesson-setup"
+    nb = nbformat.v4.new_notebook(metadata=real.metadata)
+    nb.cells = [keep[0], setup, *keep[1:]]
+    assert sum(c.source.startswith("check(") for c in nb.cells) == 4
+    return nb
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """A course tree the grader can run from: helpers/ and friends copied, solutions/ short or never run."""
+    root = tmp_path_factory.mktemp("course")
+    for name in ("helpers", "requirements.txt", "pyproject.toml", "binder"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            (root / name).write_bytes(source.read_bytes())
+    (root / "solutions").mkdir()
+    nbformat.write(short_lesson_00(), root / "solutions" / SOLUTION_00.name)
+    for real in sorted((ROOT / "solutions").glob("0[12]_*.ipynb")):  # answer keys and fingerprints only
+        (root / "solutions" / real.name).write_bytes(real.read_bytes())
+    return root
+
+
+def cheating_student_notebook(solution):
     """The student notebook with wrong answers, the cheat above, one check cell deleted, one edited."""
-    nb = nbformat.read(STUDENT_00, as_version=4)
+    nb = student_version(solution)
     imports = next(i for i, c in enumerate(nb.cells) if "from helpers.checks import check" in c.source)
     wrong = {"bf16_bytes_7b": "bf16_bytes_7b, nf4_bytes_7b = 7e9, 7e9", "adamw_state_bytes": "adamw_state_bytes = 1",
              "largest": "largest = 'weights'", "logits_bytes": "logits_bytes = 12"}
@@ -79,21 +134,16 @@ def cheating_student_notebook():
     assert len(checks) == 4
     checks[1].source = 'check("adamw_state_bytes", 8 * n_params, n_params=n_params)'  # edited to the right answer
     nb.cells.remove(checks[2])  # deleted
-    # Cells no check needs go too (timings, perplexity, the GPU section, the last experiment): a minute less.
-    for marker in ("time_it(forward", "torch.cuda.is_available()", "def step_holding_output"):
-        nb.cells.remove(next(c for c in nb.cells if marker in c.source))
     nb.cells.insert(imports + 1, nbformat.v4.new_code_cell(CHEAT))
     nb.cells.append(nbformat.v4.new_code_cell(CHEAT + "\nfor name in hc.EXERCISES:\n    check(name, 0)"))
     return nb
 
 
-@pytest.fixture(scope="module")
-def lesson00(tmp_path_factory):
-    """One grader run over every lesson-00 submission: the rows by file name, the CLI result, the files."""
-    folder = tmp_path_factory.mktemp("submissions")
-    (folder / "solution.ipynb").write_bytes(SOLUTION_00.read_bytes())
+def lesson00_submissions(folder: Path, course: Path) -> list[Path]:
+    solution = course / "solutions" / SOLUTION_00.name
+    (folder / "solution.ipynb").write_bytes(solution.read_bytes())
     (folder / "blank.ipynb").write_bytes(STUDENT_00.read_bytes())
-    nbformat.write(cheating_student_notebook(), folder / "cheat.ipynb")
+    nbformat.write(cheating_student_notebook(nbformat.read(solution, as_version=4)), folder / "cheat.ipynb")
     (folder / "other_lesson.ipynb").write_bytes(STUDENT_01.read_bytes())
     data = SOLUTION_00.read_bytes()
     (folder / "truncated.ipynb").write_bytes(data[:len(data) // 2])
@@ -103,14 +153,72 @@ def lesson00(tmp_path_factory):
     nbformat.write(notebook(CHEAT + "\nimport helpers.estimate\nhelpers.estimate.predict = lambda *a, **k: None",
                             "bf16_bytes_7b, nf4_bytes_7b = 1, 2", "n_params = 1000\nadamw_state_bytes = 1"),
                    folder / "patches_the_course.ipynb")
-    files = sorted(folder.iterdir())
+    return sorted(folder.iterdir())
+
+
+def limits_submissions(folder: Path) -> None:
+    """Tiny lesson-00 notebooks (told by their file names), for a 3 s cell limit and 1 GiB of memory."""
+    from helpers.capstone import course_dims  # the checks' own target: the course model's parameters
+
+    right = f"bf16_bytes_7b, nf4_bytes_7b = 14e9, 3.9375e9\nadamw_state_bytes = {8 * course_dims().params}"
+    hog = "hog = bytearray(3 * 2**30)\nhog[::4096] = b'x' * len(hog[::4096])"  # touched: really 3 GiB
+    nbformat.write(notebook(hog, "x = 1", "while True:\n    pass", right), folder / "00_limits.ipynb")
+    # It ignores the interrupt, then sleeps: the grader's grace period runs out without a busy core.
+    nbformat.write(notebook("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n"
+                            "    time.sleep(0.1)", right), folder / "00_stubborn_loop.ipynb")
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, course):
+    """Every grader run of this file, started at once; each fixture below waits for its own."""
+    runs = {}
+    folder = tmp_path_factory.mktemp("submissions")
+    files = lesson00_submissions(folder, course)
     before = fingerprint(files)
     out = tmp_path_factory.mktemp("out") / "grades.csv"
-    result = run_grader(*files, folder / "missing.ipynb", "--lesson", "00", "--out", out)
-    return {"rows": read_rows(out) if out.exists() else {}, "result": result, "files": files, "before": before,
-            "out": out}
+    runs["lesson00"] = dict(files=files, before=before, out=out, grader=Grader(
+        *files, folder / "missing.ipynb", "--lesson", "00", "--out", out, root=course, log=out.parent / "log"))
+
+    folder = tmp_path_factory.mktemp("limits")
+    limits_submissions(folder)
+    runs["limits"] = dict(out=folder / "grades.csv", grader=Grader(
+        folder, "--cell-timeout", "3", "--memory-limit", "1G", "--out", folder / "grades.csv", root=course,
+        log=folder / "log"))
+
+    if grade.bubblewrap() is not None:
+        folder = tmp_path_factory.mktemp("red_team")
+        nbformat.write(notebook(ATTACK, *LIES_00), folder / "00_lies.ipynb")
+        nbformat.write(notebook(ATTACK, *CHEATS_02), folder / "02_cheats.ipynb")
+        nbformat.write(notebook(*RIGHT_02), folder / "02_right.ipynb")
+        runs["red_team"] = dict(before=grade.course_digest(course), grader=red_team_grader(
+            folder, folder / "00_lies.ipynb", folder / "02_cheats.ipynb", folder / "02_right.ipynb",
+            "--sandbox", "bwrap", root=course))
+
+    # --sandbox none, on its own copy of the course: the attack may write into that copy.
+    tampered = shutil.copytree(course, tmp_path_factory.mktemp("tamper") / "course",
+                               ignore=shutil.ignore_patterns("__pycache__"))
+    folder = tampered.parent / "submissions"
+    folder.mkdir()
+    nbformat.write(notebook(ATTACK, *LIES_00), folder / "00_lies.ipynb")
+    nbformat.write(notebook(*LIES_00[:1]), folder / "00_later.ipynb")
+    runs["tamper"] = dict(grader=red_team_grader(folder, folder / "00_lies.ipynb", folder / "00_later.ipynb",
+                                                 "--sandbox", "none", root=tampered))
+    yield runs
+    for run in runs.values():  # a test that failed early leaves no grader behind
+        if run["grader"].proc.poll() is None:
+            run["grader"].proc.kill()
 
 
+@pytest.fixture(scope="module")
+def lesson00(started):
+    """One grader run over every lesson-00 submission: the rows by file name, the CLI result, the files."""
+    run = started["lesson00"]
+    result = run["grader"].wait()
+    return {"rows": read_rows(run["out"]) if run["out"].exists() else {}, "result": result, "files": run["files"],
+            "before": run["before"], "out": run["out"]}
+
+
+@pytest.mark.slow
 def test_the_grader_runs_through_every_submission(lesson00):
     result = lesson00["result"]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,7 +242,7 @@ def test_the_solution_gets_full_marks(lesson00):
     assert [row[e] for e in EXERCISES_00] == ["1"] * 4, row["reason"]
     assert (row["total"], row["max"], row["lesson"]) == ("4", "4", "00_where_the_memory_goes")
     assert row["reason"] == ""
-    assert float(row["peak_memory_mib"]) > 500  # the course model alone is 513 MiB in fp32
+    assert 0 < float(row["peak_memory_mib"]) < 500  # the short lesson loads no model
 
 
 def test_a_blank_notebook_gets_zero(lesson00):
@@ -142,6 +250,7 @@ def test_a_blank_notebook_gets_zero(lesson00):
     assert row["status"] == "graded"
     assert [row[e] for e in EXERCISES_00] == ["0"] * 4
     assert (row["total"], row["max"]) == ("0", "4")
+    assert float(row["peak_memory_mib"]) > 500  # the real lesson: the course model alone is 513 MiB in fp32
     for name in EXERCISES_00:
         assert f"{name}: not attempted" in row["reason"], row["reason"]
     # The CLI was started with COURSE_STRICT_CHECKS=1: had the kernel inherited it, the notebook's own check
@@ -182,21 +291,14 @@ def test_patching_the_course_modules_gains_nothing(lesson00):
 
 
 @pytest.fixture(scope="module")
-def limits(tmp_path_factory):
-    """Tiny lesson-00 notebooks (told by their file names) graded with a 3 s cell limit and 1 GiB of memory."""
-    folder = tmp_path_factory.mktemp("limits")
-    from helpers.capstone import course_dims  # the checks' own target: the course model's parameters
-
-    right = f"bf16_bytes_7b, nf4_bytes_7b = 14e9, 3.9375e9\nadamw_state_bytes = {8 * course_dims().params}"
-    hog = "hog = bytearray(3 * 2**30)\nhog[::4096] = b'x' * len(hog[::4096])"  # touched: really 3 GiB
-    nbformat.write(notebook(hog, "x = 1", "while True:\n    pass", right), folder / "00_limits.ipynb")
-    nbformat.write(notebook("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
-                            right), folder / "00_stubborn_loop.ipynb")
-    out = folder / "grades.csv"
-    result = run_grader(folder, "--cell-timeout", "3", "--memory-limit", "1G", "--out", out, timeout=300)
-    return {"rows": read_rows(out) if out.exists() else {}, "result": result}
+def limits(started):
+    """The tiny lesson-00 notebooks graded with a 3 s cell limit and 1 GiB of memory."""
+    run = started["limits"]
+    result = run["grader"].wait(timeout=300)
+    return {"rows": read_rows(run["out"]) if run["out"].exists() else {}, "result": result}
 
 
+@pytest.mark.slow
 def test_a_memory_hog_and_an_infinite_loop_are_cut_and_later_cells_still_count(limits):
     assert limits["result"].returncode == 0, limits["result"].stderr[-3000:]
     row = limits["rows"]["00_limits.ipynb"]  # told from its file name: no lesson 00 cell in it
@@ -208,6 +310,7 @@ def test_a_memory_hog_and_an_infinite_loop_are_cut_and_later_cells_still_count(l
     assert float(row["peak_memory_mib"]) < 1024
 
 
+@pytest.mark.slow
 def test_a_loop_that_ignores_the_interrupt_stops_the_kernel(limits):
     row = limits["rows"]["00_stubborn_loop.ipynb"]
     assert "cell 0 exceeded the time limit (3 s) and did not stop when interrupted" in row["reason"], row["reason"]
@@ -292,11 +395,14 @@ def test_rows_of_several_lessons_share_one_header(tmp_path):
     (["--memory-limit", "lots"], "not a size"),
     (["--out", "{sub}"], "is one of the submissions"),
 ])
-def test_usage_errors_exit_2_without_a_traceback(tmp_path, args, message):
+def test_usage_errors_exit_2_without_a_traceback(tmp_path, monkeypatch, capsys, args, message):
     sub = tmp_path / "00_x.ipynb"
     nbformat.write(notebook("x = 1"), sub)
-    result = run_grader(sub, *[a.format(sub=sub) for a in args], cwd=tmp_path, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:  # what argparse does for a usage error, before anything runs
+        grade.main([str(sub), *[a.format(sub=sub) for a in args]])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "grades.csv").exists()
 
 
@@ -368,8 +474,9 @@ for pid in os.listdir("/proc"):  # or read the grader's command line
         continue
     if b"helpers.tools.grade" in b" ".join(argv) and b"--out" in argv:
         out = argv[argv.index(b"--out") + 1].decode()
-SURVIVOR = ("import os, sys, time\\nos.setsid()\\nos.fork() and os._exit(0)\\ntime.sleep(6)\\n"
-            "open(sys.argv[1], 'w').write('forged')")
+SURVIVOR = ("import os, sys, time\\nos.setsid()\\nos.fork() and os._exit(0)\\nfor _ in range(1200):\\n"
+            "    time.sleep(0.1)\\n    if os.path.exists(sys.argv[1]) and 'submission,' in open(sys.argv[1]).read():\\n"
+            "        break\\nopen(sys.argv[1], 'w').write('forged')")  # as soon as the grader's CSV is written
 subprocess.Popen([sys.executable, "-c", SURVIVOR, out], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
@@ -399,32 +506,30 @@ RIGHT_02 = [
 ]
 
 
-def red_team_run(folder: Path, *args, root=ROOT):
+def red_team_grader(folder: Path, *args, root: Path) -> Grader:
     out = folder / "grades.csv"
-    env = {**_env(), "RED_TEAM_ROOT": str(root), "RED_TEAM_OUT": str(out), "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-m", "helpers.tools.grade", *map(str, args), "--out", str(out)], cwd=root,
-                            env=env, capture_output=True, text=True, timeout=1200)
-    written = out.read_text(encoding="utf-8") if out.exists() else ""
+    return Grader(*args, "--out", out, root=root, log=folder / "log", RED_TEAM_ROOT=str(root), RED_TEAM_OUT=str(out))
+
+
+def red_team_result(grader: Grader) -> dict:
     import time
 
-    time.sleep(8)  # longer than the survivor waits
+    out = Path(grader.proc.args[grader.proc.args.index("--out") + 1])
+    result = grader.wait()
+    written = out.read_text(encoding="utf-8") if out.exists() else ""
+    time.sleep(1.5)  # a survivor writes within 0.1 s of the CSV appearing
     return {"result": result, "out": out, "written": written, "rows": read_rows(out) if out.exists() else {}}
 
 
 @pytest.fixture(scope="module")
-def red_team(tmp_path_factory):
-    if grade.bubblewrap() is None:
+def red_team(started, course):
+    if "red_team" not in started:
         pytest.skip("bubblewrap is not installed (apt-get install bubblewrap): the sandboxed grader is not tested")
-    folder = tmp_path_factory.mktemp("red_team")
-    nbformat.write(notebook(ATTACK, *LIES_00), folder / "00_lies.ipynb")
-    nbformat.write(notebook(ATTACK, *CHEATS_02), folder / "02_cheats.ipynb")
-    nbformat.write(notebook(*RIGHT_02), folder / "02_right.ipynb")
-    before = grade.course_digest()
-    run = red_team_run(folder, folder / "00_lies.ipynb", folder / "02_cheats.ipynb", folder / "02_right.ipynb",
-                       "--sandbox", "bwrap")
-    return {**run, "before": before, "after": grade.course_digest()}
+    run = started["red_team"]
+    return {**red_team_result(run["grader"]), "before": run["before"], "after": grade.course_digest(course)}
 
 
+@pytest.mark.slow
 def test_red_team_cheats_get_no_points_and_no_traceback(red_team):
     result, rows = red_team["result"], red_team["rows"]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -437,35 +542,25 @@ def test_red_team_cheats_get_no_points_and_no_traceback(red_team):
     assert "SystemExit" in cheats["reason"], cheats["reason"]
 
 
+@pytest.mark.slow
 def test_red_team_right_code_answers_still_get_their_points(red_team):
     row = red_team["rows"]["02_right.ipynb"]
     assert (row["freeze_all_but_last"], row["count_trainable"]) == ("1", "1"), row["reason"]
 
 
+@pytest.mark.slow
 def test_red_team_leaves_the_course_and_the_results_alone(red_team):
-    assert red_team["after"] == red_team["before"]  # byte-identical course tree
+    assert red_team["after"] == red_team["before"]  # byte-identical course tree (the one graded against)
     final = red_team["out"].read_text(encoding="utf-8")
     assert final == red_team["written"] and "forged" not in final  # no survivor rewrote it
     assert final.count("00_lies.ipynb") == 1
 
 
-def test_without_a_sandbox_tampering_is_detected_and_nothing_survives(tmp_path):
+@pytest.mark.slow
+def test_without_a_sandbox_tampering_is_detected_and_nothing_survives(started):
     """--sandbox none, on a copy of the course: the attack may write into that copy; the grader must notice,
     give no points, stop, kill the detached process, and write the CSV after it is gone."""
-    course = tmp_path / "course"
-    for name in ("helpers", "solutions", "notebooks", "requirements.txt", "pyproject.toml"):
-        source = ROOT / name
-        if source.is_dir():
-            import shutil
-
-            shutil.copytree(source, course / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (course / name).write_bytes(source.read_bytes())
-    folder = tmp_path / "submissions"
-    folder.mkdir()
-    nbformat.write(notebook(ATTACK, *LIES_00), folder / "00_lies.ipynb")
-    nbformat.write(notebook(*LIES_00[:1]), folder / "00_later.ipynb")
-    run = red_team_run(folder, folder / "00_lies.ipynb", folder / "00_later.ipynb", "--sandbox", "none", root=course)
+    run = red_team_result(started["tamper"]["grader"])
     assert run["result"].returncode == 0, run["result"].stderr[-3000:]
     lies, later = run["rows"]["00_lies.ipynb"], run["rows"]["00_later.ipynb"]
     assert lies["status"] == "stopped" and lies["total"] == "0", lies["reason"]
@@ -475,6 +570,7 @@ def test_without_a_sandbox_tampering_is_detected_and_nothing_survives(tmp_path):
     assert final == run["written"] and "forged" not in final
 
 
+@pytest.mark.slow
 def test_measured_context_comes_from_the_solution_not_the_submission(tmp_path, monkeypatch):
     """A check that judges against the lesson's measurements gets them from the grader's own run of the
     solution notebook: a submission that measures (or fakes) other numbers cannot move the target."""

@@ -186,14 +186,14 @@ def test_accumulated_micro_batches_give_the_big_batch_update():
     for k in (1, 2, 4):
         model = tiny_model(seed=1)
         step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), {"input_ids": ids, "labels": ids},
-                               accumulation_steps=k)
+                               gradient_accumulation_steps=k)
         step()
         updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(updated[0], torch.cat([p.flatten() for p in tiny_model(seed=1).parameters()]))
     assert torch.allclose(updated[0], updated[1], atol=1e-6) and torch.allclose(updated[0], updated[2], atol=1e-6)
     with pytest.raises(ValueError, match="must divide"):
         make_train_step(tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=1.0), {"input_ids": ids},
-                        accumulation_steps=3)
+                        gradient_accumulation_steps=3)
 
 
 def test_saved_for_backward_separates_autocast_weight_copies_from_activations():
@@ -258,7 +258,7 @@ def test_the_timeline_is_exact_and_names_the_phases(k, ckpt):
     model = tiny_model(num_hidden_layers=3)
     ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, accumulation_steps=k,
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_accumulation_steps=k,
                            gradient_checkpointing=ckpt)
     step()
     report = measure(step, model=model, optimizer=opt, timeline=True)

@@ -30,6 +30,19 @@ def test_recipe_batch_size_is_ignored():
     assert largest_batch(COURSE, Recipe(batch_size=50), budget) == largest_batch(COURSE, Recipe(), budget)
 
 
+def test_largest_batch_keeps_the_recipes_accumulation_steps():
+    """With k micro-batches per step the answer is a batch_size (rows per optimizer step) in whole micro-batches:
+    k times the largest micro-batch that fits alone."""
+    budget = int(2.75 * GiB)
+    one = largest_batch(COURSE, Recipe(seq_len=128), budget)
+    four = largest_batch(COURSE, Recipe(seq_len=128, batch_size=4, gradient_accumulation_steps=4), budget)
+    assert four % 4 == 0 and fits(COURSE, Recipe(seq_len=128, batch_size=four, gradient_accumulation_steps=4), budget)
+    assert not fits(COURSE, Recipe(seq_len=128, batch_size=four + 4, gradient_accumulation_steps=4), budget)
+    assert four // 4 <= one  # accumulation keeps every gradient alive across micro-batches
+    with pytest.raises(ValueError, match="at least gradient_accumulation_steps"):
+        largest_batch(COURSE, Recipe(batch_size=4, gradient_accumulation_steps=4), budget, max_batch=2)
+
+
 def test_course_model_numbers_in_the_docstring():
     budget = int(2.25 * GiB)
     assert largest_batch(COURSE, Recipe(seq_len=128), budget) == 3
@@ -110,7 +123,8 @@ def test_a_plan_is_the_predictors_numbers_for_the_recipe_it_names():
     assert p.headroom == GPUS["T4"].budget - predict(config, expected).peak
     # The batch is the effective one: accumulation splits it into micro-batches.
     q = plan("smollm2-135m", "L4", batch_size=8, seq_len=256, gradient_accumulation_steps=4, autocast=True)
-    assert q.recipe == _cuda(batch_size=2, seq_len=256, gradient_accumulation_steps=4, autocast="bf16")
+    assert q.recipe == _cuda(batch_size=8, seq_len=256, gradient_accumulation_steps=4, autocast="bf16")
+    assert q.batch_size == q.recipe.batch_size == 8 and q.recipe.micro_batch_size == 2  # one meaning of batch_size
     assert q.peak == predict(reference_config("smollm2-135m"), q.recipe).peak
 
 
@@ -136,9 +150,10 @@ def test_the_ladder_climbs_in_the_documented_order():
     assert names == [base + extra for base in ("full fine-tune", "LoRA", "QLoRA")
                      for extra in ("", " + checkpointing", " + 8-bit AdamW", " + checkpointing + 8-bit AdamW")]
     first = ladder("T4", 4, 128)[:6]  # full fine-tune: micro-batch 4, 2, 1, each without then with autocast
-    assert [(r.batch_size, r.gradient_accumulation_steps, r.autocast) for _, r in first] == [
+    assert [(r.micro_batch_size, r.gradient_accumulation_steps, r.autocast) for _, r in first] == [
         (4, 1, None), (4, 1, "fp16"), (2, 2, None), (2, 2, "fp16"), (1, 4, None), (1, 4, "fp16")]
-    assert all(r.batch_size * r.gradient_accumulation_steps == 4 for _, r in ladder("T4", 4, 128))
+    assert all(r.batch_size == 4 == r.micro_batch_size * r.gradient_accumulation_steps
+               for _, r in ladder("T4", 4, 128))
 
 
 @pytest.mark.parametrize("model,gpu,batch,seq", [
@@ -269,6 +284,7 @@ def test_qlora_rows_plan_what_prepare_model_for_kbit_training_leaves():
     assert "the rest fp32" in str(taught)
 
 
+@pytest.mark.slow
 def test_the_planners_qlora_weights_are_what_the_capstone_recipe_holds():
     """Measured: the course model in nf4 (double quantization), prepared for k-bit training, LoRA r16 on every linear
     layer, as lesson 05 and the capstone build it, holds exactly the weights the planner's QLoRA row predicts."""

@@ -10,15 +10,15 @@ import time
 import psutil
 import pytest
 
-from helpers.distributed.launch import RUNS, LaunchError, command, diagnose, launch, recipe, zero_model_states
+from helpers.distributed.launch import RUNS, LaunchError, command, diagnose, launch, recipe_for, zero_model_states
 from helpers.estimate import Recipe, model_states, predict
 from helpers.models import tiny_config
 
 TINY = ["--model", "tiny", "--seq-len", "16"]
 
 
-def recipe_for(name: str) -> Recipe:
-    return recipe(name, micro_batch=1, seq_len=16)
+def tiny_recipe(name: str) -> Recipe:
+    return recipe_for(name, batch_size=1, seq_len=16)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,13 @@ def reports(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
 def test_each_rank_holds_its_predicted_share(reports, name):
     ranks = reports[name]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert {r["backend"] for r in ranks} == {"gloo"}
-    predicted = model_states(tiny_config(), recipe_for(name))
+    predicted = model_states(tiny_config(), tiny_recipe(name))
     whole = model_states(tiny_config(), Recipe(batch_size=1, seq_len=16))["gradients"]
     for r in ranks:
         for category, measured in r["model_states"].items():
@@ -48,6 +49,7 @@ def test_each_rank_holds_its_predicted_share(reports, name):
                 assert measured == pytest.approx(predicted[category], rel=0.01), (name, r["rank"], category)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
 def test_the_largest_rank_peak_is_the_predicted_peak(reports, name):
     """The whole step's peak, with each engine's own buffers (helpers.estimate._shard), on the tiny model. The
@@ -55,10 +57,11 @@ def test_the_largest_rank_peak_is_the_predicted_peak(reports, name):
     7.6 MiB bucket is most of the peak and smaller buffers the predictor does not model (coalesced all-gathers of
     small parameters, the flat copies around ZeRO-1/2's step) move it by up to 7 %: the issue's 10 % holds."""
     measured = max(sum(r["peak"].values()) for r in reports[name])
-    predicted = predict(tiny_config(), recipe_for(name)).peak
+    predicted = predict(tiny_config(), tiny_recipe(name)).peak
     assert predicted == pytest.approx(measured, rel=0.10), (name, predicted, measured)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload"])
 def test_losses_match_one_process(reports, name):
     single = reports["single"][0]["losses"]
@@ -67,6 +70,7 @@ def test_losses_match_one_process(reports, name):
         assert r["losses"] == pytest.approx(single, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sharding_shrinks_what_the_formula_says(reports):
     """Stage by stage, the measured per-rank bytes move as the ZeRO formulas move (fp32: 4 + 4 + 12 bytes)."""
     params = reports["zero1"][0]["params"]
@@ -86,6 +90,7 @@ def _workers_alive(out) -> list:
 
 
 @pytest.mark.parametrize("name", ["fsdp", "zero2"])  # torchrun's failure table, deepspeed's "return code"
+@pytest.mark.slow
 def test_a_dead_rank_fails_fast_with_a_reason(tmp_path, name):
     t0 = time.perf_counter()
     with pytest.raises(LaunchError, match="A rank died") as err:
@@ -96,6 +101,7 @@ def test_a_dead_rank_fails_fast_with_a_reason(tmp_path, name):
     assert not _workers_alive(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_taken_port_fails_fast_with_a_reason(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +111,7 @@ def test_a_taken_port_fails_fast_with_a_reason(tmp_path):
     assert not _workers_alive(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_run_over_its_time_limit_is_killed_whole(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(LaunchError, match="did not finish within 4 s"):
@@ -151,6 +158,7 @@ def fsdp2_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_mixed_precision_policy_keeps_fp32_model_states_and_shrinks_the_rest(fsdp2_runs):
     plain, bf16 = fsdp2_runs["fsdp"], fsdp2_runs["fsdp_bf16"]
     assert len(bf16[0]["losses"]) == RUNS["fsdp_bf16"].steps == 2  # the slow run's own step count
@@ -162,6 +170,7 @@ def test_mixed_precision_policy_keeps_fp32_model_states_and_shrinks_the_rest(fsd
         assert b["losses"] != pytest.approx(a["losses"][:2], rel=1e-7)  # really computed in bf16
 
 
+@pytest.mark.slow
 def test_cpu_offload_policy_runs_and_changes_nothing_on_a_cpu(fsdp2_runs):
     for a, b in zip(fsdp2_runs["fsdp"], fsdp2_runs["fsdp_offload"], strict=True):
         assert b["model_states"] == a["model_states"]
@@ -169,6 +178,7 @@ def test_cpu_offload_policy_runs_and_changes_nothing_on_a_cpu(fsdp2_runs):
         assert b["placement"]["weights"][0] == "cpu" and b["offload"] is True
 
 
+@pytest.mark.slow
 def test_hsdp_two_replicas_of_one_shard_hold_full_copies(fsdp2_runs, reports):
     for r, ddp in zip(fsdp2_runs["hsdp"], reports["ddp"], strict=True):
         assert r["placement"]["weight_placements"] == ["R", "S(0)"] and r["mesh"] == [2, 1]
@@ -177,6 +187,7 @@ def test_hsdp_two_replicas_of_one_shard_hold_full_copies(fsdp2_runs, reports):
         assert r["losses"] == pytest.approx(reports["single"][0]["losses"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_dcp_resume_continues_exactly_and_each_rank_writes_its_shard(fsdp2_runs):
     saved, resumed, fresh = fsdp2_runs["fsdp_save"], fsdp2_runs["fsdp_resume"], fsdp2_runs["fsdp_resume_weights"]
     assert [r["first_step"] for r in resumed] == [1, 1]
@@ -199,10 +210,10 @@ def test_dcp_resume_continues_exactly_and_each_rank_writes_its_shard(fsdp2_runs)
 
 def test_recipe_refuses_what_the_predictor_does_not_model():
     with pytest.raises(ValueError, match="does not model"):
-        recipe("fsdp_bf16")
+        recipe_for("fsdp_bf16")
     with pytest.raises(ValueError, match="does not model"):
-        recipe("hsdp")
-    assert recipe("fsdp_save") == recipe("fsdp") == recipe("fsdp_offload")
+        recipe_for("hsdp")
+    assert recipe_for("fsdp_save") == recipe_for("fsdp") == recipe_for("fsdp_offload")
 
 
 def test_bucket_settings_reach_deepspeed_and_the_predictor(tmp_path):
@@ -213,12 +224,13 @@ def test_bucket_settings_reach_deepspeed_and_the_predictor(tmp_path):
     assert config["zero_optimization"]["overlap_comm"] is True
     assert config["zero_optimization"]["reduce_bucket_size"] == 20_000_000
     assert config["zero_optimization"]["allgather_bucket_size"] == 20_000_000
-    r = recipe("zero2_buckets")
+    r = recipe_for("zero2_buckets")
     assert (r.overlap_comm, r.reduce_bucket_size) == (True, 20_000_000)
-    base = predict(tiny_config(), recipe("zero2")).peak
+    base = predict(tiny_config(), recipe_for("zero2")).peak
     assert predict(tiny_config(), r).peak - base == 2 * 20_000_000 * 4 - 2_000_000 * 4
 
 
+@pytest.mark.slow
 def test_bucket_run_grows_the_bucket_rank_by_the_predicted_bytes(tmp_path, reports):
     runs = launch("zero2_buckets", out=tmp_path, extra=TINY, timeout=300)
     change = 2 * 20_000_000 * 4 - 2_000_000 * 4

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..constants import ROOT
+from ..progress import progress
 
 WORLD_SIZE = 2
 WORKER = "helpers.distributed.worker"
@@ -71,17 +72,18 @@ RUNS = {
 }
 
 
-def recipe(name: str, micro_batch: int = 1, seq_len: int = 64):
+def recipe_for(name: str, batch_size: int = 1, seq_len: int = 64):
     """The ``helpers.estimate.Recipe`` of ``RUNS[name]`` as each rank of ``helpers.distributed.worker`` runs it: the
     engine, its stage and the settings its buffers depend on (DDP's gradient-as-bucket-view buckets, DeepSpeed's
-    bucket sizes), ``micro_batch`` rows of ``seq_len`` tokens per rank, fp32 AdamW."""
+    bucket sizes), ``batch_size`` rows of ``seq_len`` tokens per rank per optimizer step (one micro-batch: the
+    worker does not accumulate), fp32 AdamW. The single-process reference takes every rank's rows."""
     from ..estimate import Recipe
     from .worker import DEEPSPEED_BUFFERS
 
     spec = RUNS[name]
     if spec.engine == "single":
-        return Recipe(batch_size=micro_batch * WORLD_SIZE, seq_len=seq_len)
-    base = Recipe(batch_size=micro_batch, seq_len=seq_len, world_size=WORLD_SIZE)
+        return Recipe(batch_size=batch_size * WORLD_SIZE, seq_len=seq_len)
+    base = Recipe(batch_size=batch_size, seq_len=seq_len, world_size=WORLD_SIZE)
     if spec.engine == "ddp":
         return base.but(gradient_as_bucket_view=True)
     if spec.engine == "zero":
@@ -186,6 +188,24 @@ def _read_reports(out: Path, names) -> dict[str, list[dict]]:
     return reports
 
 
+def _wait(proc: subprocess.Popen, timeout: float, name: str) -> bool:
+    """Wait for the launcher to exit; True if ``timeout`` seconds passed first. Meanwhile a line with the runs'
+    names and the time elapsed ticks every second where progress is shown (a live notebook: helpers.progress)."""
+    bar = progress(desc=name, bar_format="{desc}: {elapsed} elapsed" + f" (time limit {timeout:.0f} s)")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                proc.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                return False
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    return True
+                bar.refresh()
+    finally:
+        bar.close()
+
+
 def launch(*names: str, out: str | Path | None = None, port: int | None = None, timeout: float = 240,
            nproc: int = WORLD_SIZE, extra=()) -> dict[str, list[dict]]:
     """Run ``RUNS[name]`` for each name (all with one launcher, in one launch); return each run's rank reports,
@@ -215,11 +235,7 @@ def launch(*names: str, out: str | Path | None = None, port: int | None = None, 
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(tag), stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = _wait(proc, timeout, " + ".join(names))
         # Stop whatever is left: on a timeout everything; after a failure, ranks a launcher may have orphaned.
         stop_launch(tag)
         if proc.poll() is None:  # the tag could not be read (another OS, no permission): its process group

@@ -68,7 +68,7 @@ def course_corpus():
 
 
 # DeepSpeed's buffer sizes for these small runs, in elements (its defaults would allocate a 2 GB reduction bucket);
-# ``helpers.distributed.launch.recipe`` gives the predictor the same numbers.
+# ``helpers.distributed.launch.recipe_for`` gives the predictor the same numbers.
 DEEPSPEED_BUFFERS = {"reduce_bucket_size": 2_000_000, "prefetch_bucket_size": 2_000_000,
                      "param_persistence_threshold": 0}
 

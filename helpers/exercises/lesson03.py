@@ -140,10 +140,10 @@ def _backward_start(d, recipe) -> int:
     """Weights + optimizer state + what is alive when backward starts (no gradients yet)."""
     from ..estimate import block_activation_bytes, loss_bytes, predict, weight_bytes
 
-    n = recipe.batch_size * recipe.seq_len
+    n = recipe.micro_batch_size * recipe.seq_len
     saved = d.layers * n * d.hidden * 4 if recipe.gradient_checkpointing else d.layers * block_activation_bytes(d, n)
     full = predict(d, recipe)
-    loss = loss_bytes(d, recipe.batch_size, recipe.seq_len)
+    loss = loss_bytes(d, recipe.micro_batch_size, recipe.seq_len)
     return weight_bytes(d, recipe) + full.optimizer + saved + 3 * n * d.hidden * 4 + loss
 
 

@@ -18,10 +18,10 @@ LESSON = "07_gradient_accumulation"
 # padded, and no count equal to one of the lesson's other numbers).
 SHORT = 32
 LENGTHS = (30, 17, 9, 6)
-# Exercise 2: LoRA r=16 on every linear layer, an effective batch of EFFECTIVE rows of SEQ tokens, as K
+# Exercise 2: LoRA r=16 on every linear layer, a batch of EFFECTIVE rows of SEQ tokens per optimizer step, as K
 # micro-batches of EFFECTIVE // K rows.
 SEQ, EFFECTIVE, K, LORA_RANK = 64, 4, 4, 16
-PEAK_RECIPE = Recipe(batch_size=EFFECTIVE // K, seq_len=SEQ, gradient_accumulation_steps=K, lora_rank=LORA_RANK,
+PEAK_RECIPE = Recipe(batch_size=EFFECTIVE, seq_len=SEQ, gradient_accumulation_steps=K, lora_rank=LORA_RANK,
                      lora_targets="all-linear")
 # Exercise 3: full fine-tuning of 512-token rows, EFFECTIVE_ROWS rows per optimizer step, on a GPU sold as 8 GB:
 # the budget for tensors is USABLE (90 %) of its label, the rest left to the CUDA context, cuBLAS workspaces and the
@@ -38,7 +38,7 @@ OOM_CARD_GB = 12
 OOM_BUDGET = int(OOM_CARD_GB * 1e9 * USABLE)
 OOM_OPTIONS = {
     "a": ("gradient accumulation: 16 micro-batches of 1 row (still 16 rows per optimizer step)",
-          {"batch_size": 1, "gradient_accumulation_steps": 16}),
+          {"gradient_accumulation_steps": 16}),
     "b": ("gradient checkpointing, same batch", {"gradient_checkpointing": True}),
     "c": ("8-bit AdamW", {"optimizer": "adamw8bit"}),
     "d": ("freeze every block but the top 4 (and the embedding)", {"trainable_blocks": 4}),
@@ -118,7 +118,7 @@ def accumulation_peak(answer, dims, recipe: Recipe):
     has them), within ``PEAK_TOLERANCE`` of ``helpers.estimate.predict``."""
     d = Dims.of(dims)
     value = as_number(answer, "a number of bytes")
-    steps, batch_size = recipe.gradient_accumulation_steps, recipe.batch_size
+    steps = recipe.gradient_accumulation_steps
     right = predict(d, recipe)
     want = right.peak
     if close(value, want, PEAK_TOLERANCE):
@@ -126,12 +126,12 @@ def accumulation_peak(answer, dims, recipe: Recipe):
                       f"optimizer state {right.optimizer / MiB:,.1f} MiB as before, the gradients "
                       f"({right.gradients / MiB:,.1f} MiB) kept alive from the first micro-batch, and one "
                       f"micro-batch's activations ({right.activations / MiB:,.1f} MiB).")
-    whole = predict(d, recipe.but(batch_size=batch_size * steps, gradient_accumulation_steps=1))
-    no_grads = predict(d, recipe.but(gradient_accumulation_steps=1))
+    whole = predict(d, recipe.but(gradient_accumulation_steps=1))  # the whole batch in one forward and backward
+    no_grads = predict(d, recipe.but(batch_size=recipe.micro_batch_size, gradient_accumulation_steps=1))
     all_divided = whole.peak / steps
     floor_kept = whole.weights + whole.optimizer + whole.activations / steps  # activations / k, gradients forgotten
     for other, hint in (
-            (whole.peak, "that is the peak without accumulation, one batch of batch_size x k: with k micro-batches "
+            (whole.peak, "that is the peak without accumulation, the whole batch in one pass: with k micro-batches "
                          "only one micro-batch's activations are alive at a time."),
             (all_divided, "only the activations shrink with the micro-batch: weights and optimizer state stay "
                           "the same size, whatever k is."),
@@ -154,14 +154,14 @@ def accumulation_peak(answer, dims, recipe: Recipe):
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercise 3: the largest micro-batch that fits a budget at a fixed effective batch
+# Exercise 3: the largest micro-batch that fits a budget at a fixed batch (rows per optimizer step)
 # ------------------------------------------------------------------------------------------------
-def split_for_budget(dims, recipe: Recipe, effective_batch: int, budget: int) -> tuple[int, int] | None:
-    """(micro_batch, k) with micro_batch x k = ``effective_batch``, the largest micro-batch whose predicted peak
-    fits ``budget`` bytes; None if not even micro-batches of one fit."""
-    for micro in sorted((b for b in range(1, effective_batch + 1) if effective_batch % b == 0), reverse=True):
-        k = effective_batch // micro
-        if predict(dims, recipe.but(batch_size=micro, gradient_accumulation_steps=k)).peak <= budget:
+def split_for_budget(dims, recipe: Recipe, batch_size: int, budget: int) -> tuple[int, int] | None:
+    """(micro_batch_size, gradient_accumulation_steps) whose product is ``batch_size``, the largest micro-batch
+    whose predicted peak fits ``budget`` bytes; None if not even micro-batches of one row fit."""
+    for micro in sorted((b for b in range(1, batch_size + 1) if batch_size % b == 0), reverse=True):
+        k = batch_size // micro
+        if predict(dims, recipe.but(batch_size=batch_size, gradient_accumulation_steps=k)).peak <= budget:
             return micro, k
     return None
 
@@ -169,31 +169,32 @@ def split_for_budget(dims, recipe: Recipe, effective_batch: int, budget: int) ->
 def _split(answer) -> tuple[float, float]:
     if isinstance(answer, dict):
         keys = {k.strip().lower(): v for k, v in answer.items()}
-        micro = next((keys[k] for k in ("micro_batch", "micro", "batch_size") if k in keys), None)
-        k = next((keys[k] for k in ("k", "steps", "gradient_accumulation_steps") if k in keys), None)
+        micro = next((keys[k] for k in ("micro_batch_size", "micro_batch", "micro") if k in keys), None)
+        k = next((keys[k] for k in ("gradient_accumulation_steps", "k") if k in keys), None)
         if micro is not None and k is not None:
             answer = [micro, k]
     if not isinstance(answer, list) or len(answer) != 2:
-        raise AnswerError("give two numbers, `(micro_batch, k)`: rows per micro-batch and micro-batches per step.")
+        raise AnswerError("give two numbers, `(micro_batch_size, gradient_accumulation_steps)`: rows per micro-batch "
+                          "and micro-batches per optimizer step.")
     return as_number(answer[0], "a micro-batch size"), as_number(answer[1], "a number of micro-batches")
 
 
 @exercise("micro_batch_for_budget", lesson=LESSON,
-          context=lambda: {**_course_context(), "recipe": BUDGET_RECIPE, "effective_batch": EFFECTIVE_ROWS,
+          context=lambda: {**_course_context(), "recipe": BUDGET_RECIPE, "batch_size": EFFECTIVE_ROWS,
                            "budget": BUDGET}, kind="calculate", tolerance=0.0)
-def micro_batch_for_budget(answer, dims, recipe: Recipe, effective_batch: int, budget: int):
-    """``(micro_batch, k)``: the largest micro-batch whose predicted peak fits ``budget`` with k micro-batches
-    making up ``effective_batch`` rows per optimizer step."""
+def micro_batch_for_budget(answer, dims, recipe: Recipe, batch_size: int, budget: int):
+    """``(micro_batch_size, gradient_accumulation_steps)``: the largest micro-batch whose predicted peak fits
+    ``budget`` with k micro-batches making up ``batch_size`` rows per optimizer step."""
     d = Dims.of(dims)
     micro_value, k_value = _split(answer)
     micro, k = _whole(micro_value), _whole(k_value)
     if micro is None or k is None or micro < 1 or k < 1:
         return False, f"you said ({micro_value:g}, {k_value:g}): both must be whole numbers of at least 1."
-    if micro * k != effective_batch:
-        return False, (f"({micro}, {k}) makes an optimizer step of {micro * k} rows; the effective batch must stay "
-                       f"{effective_batch} rows (micro_batch x k), or the training changes.")
-    best = split_for_budget(d, recipe, effective_batch, budget)
-    peak = predict(d, recipe.but(batch_size=micro, gradient_accumulation_steps=k)).peak
+    if micro * k != batch_size:
+        return False, (f"({micro}, {k}) makes an optimizer step of {micro * k} rows; the batch must stay "
+                       f"{batch_size} rows per optimizer step (micro-batch x k), or the training changes.")
+    best = split_for_budget(d, recipe, batch_size, budget)
+    peak = predict(d, recipe.but(batch_size=batch_size, gradient_accumulation_steps=k)).peak
     if peak > budget:
         return False, (f"micro-batches of {micro} with k={k} are predicted to peak at {peak / GiB:.2f} GiB, over "
                        f"the {budget / GiB:.2f} GiB budget: try a smaller micro-batch (and a larger k).")
@@ -202,7 +203,7 @@ def micro_batch_for_budget(answer, dims, recipe: Recipe, effective_batch: int, b
                        "micro-batches mean fewer, bigger matmuls per step and so less time. Find the largest.")
     return True, (f"micro-batches of {micro}, k={k}: predicted peak {peak / GiB:.2f} GiB of {budget / GiB:.2f}. "
                   "The optimizer sees the same batch of "
-                  f"{effective_batch} rows as without accumulation, so training is unchanged; each step just takes "
+                  f"{batch_size} rows as without accumulation, so training is unchanged; each step just takes "
                   "longer.")
 
 
@@ -226,15 +227,15 @@ def _what_changed(changes: dict, base, after, dims, recipe: Recipe) -> str:
     def g(x):
         return f"{x / GiB:,.2f}"
 
-    logits = loss_bytes(dims, recipe.batch_size, recipe.seq_len)  # fp32 log-softmax and two gradients
+    logits = loss_bytes(dims, recipe.micro_batch_size, recipe.seq_len)  # fp32 log-softmax and two gradients
     if changes.get("gradient_accumulation_steps", 1) > 1:
-        rows = changes.get("batch_size", recipe.batch_size)
+        rows = recipe.but(**changes).micro_batch_size
         return (f"one micro-batch of {rows} row{'s' if rows != 1 else ''} is alive at a time: the "
                 f"activations fall from {g(base.activations)} to {g(after.activations)} GiB, while the gradients "
                 f"({g(after.gradients)} GiB) now stay alive across micro-batches")
     if changes.get("gradient_checkpointing"):
         return (f"the blocks keep only their inputs, but the logits are not checkpointed: at the start of the backward "
-                f"pass the fp32 logits of {recipe.batch_size * recipe.seq_len:,} tokens and their gradients take "
+                f"pass the fp32 logits of {recipe.micro_batch_size * recipe.seq_len:,} tokens and their gradients take "
                 f"{g(logits)} GiB (3 x tokens x {dims.vocab:,} x 4 bytes), so the activations only fall from "
                 f"{g(base.activations)} to {g(after.activations)} GiB")
     if "optimizer" in changes:

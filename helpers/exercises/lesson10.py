@@ -192,7 +192,7 @@ def fix_the_long_context_run(answer, dims, budget: int):
     letter = choice(answer, OPTIONS)
     reports = scenario_reports(d)
     before, after = reports["before"], reports[letter]
-    loss = loss_bytes(d, SCENARIO.batch_size, SCENARIO.seq_len)
+    loss = loss_bytes(d, SCENARIO.micro_batch_size, SCENARIO.seq_len)
     where = (f"({letter}) predicted peak {after.peak / GiB:,.2f} GiB against {budget / GiB:,.2f} GiB usable "
              f"(before: {before.peak / GiB:,.2f})")
     if after.peak <= budget:

@@ -10,7 +10,7 @@ from ..capstone import (
     TIGHT_WORKLOAD,
     WORKLOAD,
     Attempt,
-    RecipeError,
+    SetupError,
     Workload,
     attempt,
     course_dims,
@@ -25,39 +25,39 @@ LESSON = "12_fit_the_budget"
 BUDGET = WORKLOAD.budget  # the lesson's constants: the capstone's job (helpers.capstone.WORKLOAD) is the single source
 TIGHT_BUDGET = TIGHT_WORKLOAD.budget
 SMALLEST_BUDGET = SMALLEST_WORKLOAD.budget
-BATCH, SEQ, STEPS = WORKLOAD.batch_size, WORKLOAD.seq_len, WORKLOAD.steps
+BATCH, SEQ, STEPS = WORKLOAD.batch_size, WORKLOAD.seq_len, WORKLOAD.optimizer_steps
 
 # The plan the learner predicts in exercise 1, which the lesson then measures: the original LoRA paper's choice of
 # adapters (rank 8 on the attention's query and value projections) on a 4-bit base, with micro-batches of 2 rows.
 # The ladder the lesson prints before it adapts every linear layer at rank 16 in micro-batches of 1 row: no rung
 # shares its categories.
-PLAN = Recipe(batch_size=2, gradient_accumulation_steps=BATCH // 2, seq_len=SEQ, weights="nf4", double_quant=True,
-              lora_rank=8, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True)
+PLAN_RECIPE = Recipe(batch_size=BATCH, gradient_accumulation_steps=BATCH // 2, seq_len=SEQ, weights="nf4",
+                     double_quant=True, lora_rank=8, lora_targets=("q_proj", "v_proj"), gradient_checkpointing=True)
 # Each plausible slip, as the recipe it amounts to, and what to say about it.
 SLIPS = [
-    (PLAN.but(batch_size=BATCH, gradient_accumulation_steps=1),
+    (PLAN_RECIPE.but(batch_size=BATCH, gradient_accumulation_steps=1),
      "that is the whole batch of 8 rows at once. With accumulation only one micro-batch of 2 x 128 is alive at a "
      "time: activations shrink 4-fold, and the gradients of the adapters stay between micro-batches."),
-    (PLAN.but(batch_size=1, gradient_accumulation_steps=BATCH),
+    (PLAN_RECIPE.but(gradient_accumulation_steps=BATCH),
      "that is micro-batches of 1 row (the ladder's); the plan splits the 8 rows into 4 micro-batches of 2."),
-    (PLAN.but(gradient_checkpointing=False),
+    (PLAN_RECIPE.but(gradient_checkpointing=False),
      "that is without gradient checkpointing: the plan keeps only each block's input and recomputes the rest."),
-    (PLAN.but(lora_targets="all-linear"),
+    (PLAN_RECIPE.but(lora_targets="all-linear"),
      "that adapts every linear layer of each block; the plan adapts only q_proj and v_proj (and v_proj is "
      "narrower than q_proj: 3 key-value heads of 64 give 192 outputs, not 576)."),
-    (PLAN.but(lora_rank=16),
+    (PLAN_RECIPE.but(lora_rank=16),
      "that is rank 16; the plan's adapters have rank 8."),
-    (PLAN.but(weights="fp32"),
+    (PLAN_RECIPE.but(weights="fp32"),
      "those weights are the fp32 model's: the plan stores the frozen linear layers in nf4."),
-    (PLAN.but(double_quant=False),
+    (PLAN_RECIPE.but(double_quant=False),
      "that stores the nf4 blocks' absmax constants in fp32: with double quantization they are 8-bit, with a "
      "second level of fp32 constants per 256 of them (lesson 05)."),
-    (PLAN.but(unquantized="bf16"),
+    (PLAN_RECIPE.but(unquantized="bf16"),
      "that keeps the embedding and norms in bf16, but prepare_model_for_kbit_training upcasts everything "
      "bitsandbytes left unquantized to fp32."),
-    (PLAN.but(lora_rank=0, weights="fp32"),
+    (PLAN_RECIPE.but(lora_rank=0, weights="fp32"),
      "that trains every parameter: in the plan the base is frozen and only the LoRA adapters train."),
-    (PLAN.but(optimizer="adamw8bit"),
+    (PLAN_RECIPE.but(optimizer="adamw8bit"),
      "that is 8-bit AdamW; the plan uses torch's AdamW, with two fp32 moments per adapter parameter."),
 ]
 UNITS = {  # what an answer in another unit looks like, as a multiple of the MiB values
@@ -111,8 +111,8 @@ def _categories(answer) -> dict[str, float]:
 @exercise("capstone_prediction", lesson=LESSON, context=lambda: {"dims": course_dims()}, kind="predict",
           tolerance=TOLERANCE)
 def capstone_prediction(answer, dims):
-    """MiB by category at the peak of one step of ``PLAN`` on the model of ``dims`` (each within TOLERANCE)."""
-    want = predict(dims, PLAN)
+    """MiB by category at the peak of one step of ``PLAN_RECIPE`` on the model of ``dims`` (each within TOLERANCE)."""
+    want = predict(dims, PLAN_RECIPE)
     got = _categories(answer)
 
     def close(c, value) -> bool:  # within the plan's tolerance for that category
@@ -141,45 +141,45 @@ def capstone_prediction(answer, dims):
 
 
 # ------------------------------------------------------------------------------------------------
-# Exercises 2 and 3: the capstone's tiers — a recipe that fits the budget and learns as much as full
+# Exercises 2 and 3: the capstone's tiers — a setup that fits the budget and learns as much as full
 # fine-tuning (within the bar), proven by measurement
 # ------------------------------------------------------------------------------------------------
 _MEASURED: dict[str, Attempt] = {}  # the last run each exercise's probe made in this process: shown, never judged
 
 
-def _probe(key: str, recipe, workload: Workload) -> dict:
+def _probe(key: str, setup, workload: Workload) -> dict:
     from .. import capstone
 
     capstone.course_corpus.cache_clear()  # a corpus read afresh: nothing a notebook altered
     _MEASURED.pop(key, None)
     try:
-        run = attempt(recipe, workload, reference=False)
-    except RecipeError as err:
+        run = attempt(setup, workload, reference=False)
+    except SetupError as err:
         return {"error": str(err)}
-    except BaseException as err:  # noqa: BLE001 (whatever the recipe's code raised: feedback, not an escape)
-        return {"error": f"your recipe could not be run ({type(err).__name__}: {str(err)[:300]})."}
+    except BaseException as err:  # noqa: BLE001 (whatever the setup's code raised: feedback, not an escape)
+        return {"error": f"your setup could not be run ({type(err).__name__}: {str(err)[:300]})."}
     _MEASURED[key] = run
     return run.facts()
 
 
-def probe_recipe(recipe, workload: Workload = WORKLOAD) -> dict:
-    """Run the referee (``helpers.capstone.attempt``) on ``recipe`` and return what it measured, as plain data:
+def probe_setup(setup, workload: Workload = WORKLOAD) -> dict:
+    """Run the referee (``helpers.capstone.attempt``) on ``setup`` and return what it measured, as plain data:
     every step's peak by category (bytes) and time, perplexities, the referee's findings, or the error."""
-    return _probe("fit_the_budget", recipe, workload)
+    return _probe("fit_the_budget", setup, workload)
 
 
-def probe_tight_recipe(recipe, workload: Workload = TIGHT_WORKLOAD) -> dict:
-    """The same run as ``probe_recipe`` (the tiers share the job; only the judge's budget differs)."""
-    return _probe("fit_the_tight_budget", recipe, workload)
+def probe_tight_setup(setup, workload: Workload = TIGHT_WORKLOAD) -> dict:
+    """The same run as ``probe_setup`` (the tiers share the job; only the judge's budget differs)."""
+    return _probe("fit_the_tight_budget", setup, workload)
 
 
-def probe_smallest_recipe(recipe, workload: Workload = SMALLEST_WORKLOAD) -> dict:
+def probe_smallest_setup(setup, workload: Workload = SMALLEST_WORKLOAD) -> dict:
     """The same run again, for the third tier."""
-    return _probe("fit_the_smallest_budget", recipe, workload)
+    return _probe("fit_the_smallest_budget", setup, workload)
 
 
 def measured(name: str) -> Attempt | None:
-    """The run the check of exercise ``name`` last made in this notebook (None before any, or when the recipe could
+    """The run the check of exercise ``name`` last made in this notebook (None before any, or when the setup could
     not be run), with the lesson's reference attached: for the lesson's tables. Grading never reads it."""
     run = _MEASURED.get(name)
     if run is None:
@@ -196,24 +196,24 @@ def _reference(workload: Workload):
 def _facts(data) -> dict:
     """The probe's data, checked for shape (AnswerError when it is not what the referee reports)."""
     if not isinstance(data, dict):
-        raise AnswerError("the check's run of your recipe reported nothing it could read.")
+        raise AnswerError("the check's run of your setup reported nothing it could read.")
     if data.get("error") is not None:
         return {"error": str(data["error"])}
     steps = data.get("steps")
     problems = data.get("problems")
     if not isinstance(steps, list) or not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
-        raise AnswerError("the check's run of your recipe reported nothing it could read.")
+        raise AnswerError("the check's run of your setup reported nothing it could read.")
     checked = []
     for step in steps:
         if not isinstance(step, dict):
-            raise AnswerError("the check's run of your recipe reported nothing it could read.")
+            raise AnswerError("the check's run of your setup reported nothing it could read.")
         row = {c: as_number(step.get(c), f"bytes of {c}") for c in CATEGORIES}
         if min(row.values()) < 0:
-            raise AnswerError("the check's run of your recipe reported negative memory.")
+            raise AnswerError("the check's run of your setup reported negative memory.")
         checked.append(row)
     ppl_end = data.get("ppl_end")
     if ppl_end is not None and type(ppl_end) not in (int, float):  # nan or inf: a run that diverged (judge says so)
-        raise AnswerError("the check's run of your recipe reported no perplexity it could read.")
+        raise AnswerError("the check's run of your setup reported no perplexity it could read.")
     return {"steps": checked, "problems": problems, "ppl_start": as_number(data.get("ppl_start"), "a perplexity"),
             "ppl_end": None if ppl_end is None else float(ppl_end),
             "seconds_per_step": as_number(data.get("seconds_per_step", 0.0), "seconds")}
@@ -227,21 +227,21 @@ def _reference_of(reference) -> dict:
             "naive_peak": as_number(reference.get("naive_peak"), "the naive run's peak")}
 
 
-@exercise("fit_the_budget", points=3, lesson=LESSON, context=_reference(WORKLOAD), probe=probe_recipe, kind="code")
+@exercise("fit_the_budget", points=3, lesson=LESSON, context=_reference(WORKLOAD), probe=probe_setup, kind="code")
 def fit_the_budget(data, workload: Workload, reference: dict):
     """What the referee measured, judged against the first tier's budget (500 MiB) and the quality bar."""
     return judge(_facts(data), workload, _reference_of(reference))
 
 
 @exercise("fit_the_tight_budget", points=2, lesson=LESSON, context=_reference(TIGHT_WORKLOAD),
-          probe=probe_tight_recipe, kind="code")
+          probe=probe_tight_setup, kind="code")
 def fit_the_tight_budget(data, workload: Workload, reference: dict):
     """The same, against the second tier's budget (220 MiB) and the same quality bar."""
     return judge(_facts(data), workload, _reference_of(reference))
 
 
 @exercise("fit_the_smallest_budget", points=2, lesson=LESSON, context=_reference(SMALLEST_WORKLOAD),
-          probe=probe_smallest_recipe, kind="code")
+          probe=probe_smallest_setup, kind="code")
 def fit_the_smallest_budget(data, workload: Workload, reference: dict):
     """The same, against the third tier's budget (170 MiB) and the same quality bar."""
     return judge(_facts(data), workload, _reference_of(reference))

@@ -22,16 +22,17 @@ import sys
 
 import torch
 
-from ..distributed.launch import recipe as sharding_recipe
+from ..distributed.launch import recipe_for as sharding_recipe
 from ..estimate import Recipe, predict
 from ..memory import MiB, measure
+from ..progress import progress
 
 TOLERANCE = 0.10
 LORA = dict(lora_rank=16, lora_targets="all-linear")
 CASES: dict[str, Recipe] = {
     "full": Recipe(batch_size=3, seq_len=77),
     "full_ckpt": Recipe(batch_size=5, seq_len=93, gradient_checkpointing=True),
-    "full_accumulation": Recipe(batch_size=3, seq_len=77, gradient_accumulation_steps=2),
+    "full_accumulation": Recipe(batch_size=6, seq_len=77, gradient_accumulation_steps=2),  # 2 micro-batches of 3
     "full_sgd": Recipe(batch_size=3, seq_len=77, optimizer="sgd"),
     "full_adamw8bit": Recipe(batch_size=3, seq_len=77, optimizer="adamw8bit"),
     "frozen_top3": Recipe(batch_size=3, seq_len=77, trainable_blocks=3),
@@ -48,9 +49,9 @@ CASES: dict[str, Recipe] = {
     "full_chunked_loss": Recipe(batch_size=3, seq_len=77, optimizer="sgd", loss_chunk=20),
 }
 # Lesson 09's engines, per rank, on its mid-size model (4 blocks), as its worker runs them
-# (``helpers.distributed.launch.recipe``), at two sizes: 3 rows x 45 tokens per rank, where the step peaks at the end of
-# backward (the embedding's gradients), and 2 x 333, where it peaks at the start of backward (the logits). A case is
-# named "<lesson 09 run>@<rows>x<tokens>".
+# (``helpers.distributed.launch.recipe_for``), at two sizes: 3 rows x 45 tokens per rank, where the step peaks at the
+# end of backward (the embedding's gradients), and 2 x 333, where it peaks at the start of backward (the logits). A
+# case is named "<lesson 09 run>@<rows>x<tokens>".
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero2_offload")
 for _rows, _tokens in ((3, 45), (2, 333)):
     for _run in ENGINES:
@@ -107,10 +108,10 @@ def measure_one_process(recipe: Recipe, corpus) -> int:
     from ..train import make_train_step
 
     model, optimizer = build(recipe)
-    k = recipe.gradient_accumulation_steps
-    batch = corpus.train_batch(recipe.batch_size * k, recipe.seq_len)
+    batch = corpus.train_batch(recipe.batch_size, recipe.seq_len)
     step = make_train_step(model, optimizer, batch, gradient_checkpointing=recipe.gradient_checkpointing,
-                           accumulation_steps=k, loss_chunk=recipe.loss_chunk or None)
+                           gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                           loss_chunk=recipe.loss_chunk or None)
     step()  # steady state: the optimizer state exists
     return measure(step, model=model, optimizer=optimizer).peak
 
@@ -159,7 +160,8 @@ def run(names=None) -> list[dict]:
     config, corpus = AutoConfig.from_pretrained(resolve()), None
     mid_size = sharded_config() if sharded else None  # lesson 09's model: read once
     rows = []
-    for name in names:
+    cases = progress(names, desc="benchmark cases", unit="case")  # a bar in a live notebook or terminal
+    for name in cases:
         recipe = CASES[name]
         if name not in measured:
             corpus = corpus or Corpus(load_tokenizer())
@@ -168,7 +170,8 @@ def run(names=None) -> list[dict]:
         rows.append({"case": name, "recipe": describe(recipe), "predicted": predicted.peak,
                      "measured": measured[name], "error": predicted.peak / measured[name] - 1,
                      "moment": predicted.moment})
-        print(_row(rows[-1]), flush=True)
+        cases.write(_row(rows[-1]))  # printed above the bar when one shows
+        sys.stdout.flush()
     return rows
 
 

@@ -17,7 +17,8 @@ How a submission is graded:
 How it runs (what a submission can and cannot reach):
 - Each submission gets a private workspace (a new temporary folder, mode 700): a *copy* of the course's code
   (``helpers/`` etc.; no links into the live tree) and an empty working folder, ``notebooks/``. Its code
-  cells run one by one in a fresh kernel started there, with the course copy on ``PYTHONPATH``.
+  cells run one by one in a fresh kernel started there (``helpers.tools.runner``), with the course copy on
+  ``PYTHONPATH``.
 - With bubblewrap (``--sandbox auto``, the default, when ``bwrap`` is installed and works) the kernel runs
   with the whole filesystem read-only except its working folder, in its own PID
   namespace (it cannot see or signal the grader or other processes, nor read their command lines) and
@@ -79,6 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import LESSON_PATTERN, ROOT
+from .runner import INTERRUPT_GRACE, CellRun, NotebookRun, limits_preexec
 
 SOLUTIONS = ROOT / "solutions"
 MAX_BYTES = 100 * 2**20  # a lesson notebook with its outputs is a few MB
@@ -87,7 +89,7 @@ DEFAULT_CELL_TIMEOUT = 600  # seconds: the suite's nbval limit; the slowest real
 DEFAULT_SUBMISSION_TIMEOUT = 1800
 DEFAULT_MEMORY_LIMIT = "8G"
 CHECK_TIMEOUT = 60  # at least this for reading one answer out of the kernel
-INTERRUPT_GRACE = 10  # seconds a cell gets to stop after the interrupt at its time limit
+OUTPUT_LIMIT = 8 * 2**20  # bytes of output one cell may keep in the grader's memory
 OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "bad_alloc", "out of memory")
 
 
@@ -373,18 +375,6 @@ class Workspace:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _limits(memory_limit: int | None):
-    """Runs in a child between fork and exec: its own session, and the memory limit before any Python."""
-    def apply():
-        with contextlib.suppress(OSError):  # already a session leader (jupyter_client may have done it)
-            os.setsid()
-        if memory_limit:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    return apply
-
-
 # Processes: the grader adopts every orphan its children leave (a "subreaper"), so a process that
 # detaches from its session is still found, and killed, when its submission ends.
 def become_subreaper() -> bool:
@@ -432,97 +422,6 @@ def kill_new_processes(keep: set[int]) -> int:
                 pass
         time.sleep(0.05)
     return len(killed)
-
-
-@dataclass
-class Outcome:
-    status: str  # ok, error, timeout (interrupted), stuck (did not stop: kernel killed), dead
-    ename: str = ""
-    evalue: str = ""
-    stdout: str = ""
-
-
-class Kernel:
-    """A fresh python3 kernel in ``workspace`` with a memory limit, run cell by cell with a time limit each."""
-
-    def __init__(self, workspace: Workspace, memory_limit: int | None, startup_timeout: float = 120):
-        from jupyter_client import KernelManager
-        from jupyter_client.kernelspec import KernelSpecManager
-
-        spec = workspace.root / "kernels" / "graded"
-        spec.mkdir(parents=True)
-        argv = workspace.command([sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                                  "--HistoryManager.hist_file=:memory:"])
-        # interrupt_mode "message": the interrupt travels over the control channel (a signal could not
-        # reach into the sandbox's PID namespace).
-        (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "graded", "language": "python",
-                                                      "interrupt_mode": "message"}))
-        self.km = KernelManager(kernel_name="graded",
-                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]),
-                                transport="ipc", ip=str(workspace.run / "kernel"),
-                                connection_file=str(workspace.run / "kernel.json"))
-        # The kernel's own stdout/stderr (start-up warnings, C-level prints) would clutter the grader's.
-        self.km.start_kernel(cwd=str(workspace.work), env=workspace.env(), preexec_fn=_limits(memory_limit),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        try:
-            self.kc.wait_for_ready(timeout=startup_timeout)
-        except Exception:
-            self.close()
-            raise
-
-    def _drain(self, msg_id: str, out: list[str]):
-        """Read what the kernel published; keep the stdout of ``msg_id`` (outputs are otherwise not kept)."""
-        with contextlib.suppress(Exception):
-            for _ in range(100_000):
-                msg = self.kc.iopub_channel.get_msg(timeout=0)  # raises Empty when nothing is left
-                if (msg.get("msg_type") == "stream" and msg.get("parent_header", {}).get("msg_id") == msg_id
-                        and msg["content"].get("name") == "stdout" and sum(map(len, out)) < MAX_BYTES):
-                    out.append(str(msg["content"].get("text", "")))
-
-    def _wait(self, msg_id: str, until: float, out: list[str]) -> dict | None:
-        from queue import Empty
-
-        while time.monotonic() < until:
-            try:
-                msg = self.kc.get_shell_msg(timeout=0.25)
-            except Empty:
-                self._drain(msg_id, out)
-                if not self.km.is_alive():
-                    return {"dead": True}
-                continue
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                time.sleep(0.05)  # the last stream messages can trail the reply
-                self._drain(msg_id, out)
-                return msg["content"]
-        return None
-
-    def run(self, code: str, timeout: float) -> Outcome:
-        if not self.km.is_alive():
-            return Outcome("dead")
-        out: list[str] = []
-        msg_id = self.kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
-        reply = self._wait(msg_id, time.monotonic() + timeout, out)
-        if reply is None:
-            with contextlib.suppress(Exception):
-                self.km.interrupt_kernel()
-            reply = self._wait(msg_id, time.monotonic() + INTERRUPT_GRACE, out)
-            if reply is None or reply.get("dead"):
-                self.close()
-                return Outcome("stuck" if reply is None else "dead")
-            return Outcome("timeout", reply.get("ename", ""), reply.get("evalue", ""), "".join(out))
-        if reply.get("dead"):
-            return Outcome("dead")
-        if reply.get("status") == "error":
-            return Outcome("error", str(reply.get("ename", "")), str(reply.get("evalue", "")), "".join(out))
-        return Outcome("ok", stdout="".join(out))
-
-    def close(self):
-        with contextlib.suppress(Exception):
-            self.kc.stop_channels()
-        with contextlib.suppress(Exception):
-            self.km.shutdown_kernel(now=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -575,10 +474,10 @@ def read_record(stdout: str, token: str) -> dict | None:
     return None
 
 
-def kernel_answers(kernel: Kernel, key: list[CheckCall], workspace: Workspace, timeout: float) -> dict[str, dict]:
+def kernel_answers(kernel: NotebookRun, key: list[CheckCall], workspace: Workspace, timeout: float) -> dict[str, dict]:
     """Each check call's answer record, read from the kernel (see ANSWER_SNIPPET)."""
     records: dict[str, dict] = {}
-    define = kernel.run(ANSWER_SNIPPET.format(checks=str(workspace.course / "helpers" / "checks.py")), timeout)
+    define = kernel.run_code(ANSWER_SNIPPET.format(checks=str(workspace.course / "helpers" / "checks.py")), timeout)
     if define.status != "ok":
         return {c.name: {"status": "error", "message": f"the grader could not read answers ({define.status} "
                                                        f"{define.ename})"} for c in key}
@@ -586,7 +485,7 @@ def kernel_answers(kernel: Kernel, key: list[CheckCall], workspace: Workspace, t
         token = secrets.token_hex(8)
         pickle = workspace.work / f".answer-{token}.pkl"
         code = f"_grade_answer({token!r}, {call.answer!r}, {call.measured!r}, {call.code!r}, {str(pickle)!r})"
-        outcome = kernel.run(code, timeout)
+        outcome = kernel.run_code(code, timeout)
         record = read_record(outcome.stdout, token) if outcome.status == "ok" else None
         if record is None:
             record = {"status": "error", "message": f"no answer could be read ({outcome.status})"}
@@ -612,7 +511,8 @@ def run_probe(name: str, pickled: bytes, sandbox: bool, timeout: float, memory_l
     try:
         argv = workspace.command([sys.executable, "-m", "helpers.tools.grade", "--run-probe", name])
         proc = subprocess.Popen(argv, cwd=workspace.work, env=workspace.env(), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=_limits(memory_limit))
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                preexec_fn=limits_preexec(memory_limit))
         try:
             stdout, _ = proc.communicate(token.encode() + b"\n" + pickled, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -676,7 +576,7 @@ class Row:
         return sum(self.points.values())
 
 
-def _cell_problem(index: int, outcome: Outcome, cell_timeout: float, memory_limit: int | None) -> str | None:
+def _cell_problem(index: int, outcome: CellRun, cell_timeout: float, memory_limit: int | None) -> str | None:
     where = f"cell {index}"
     if outcome.status == "timeout":
         return f"{where} exceeded the time limit ({cell_timeout:g} s) and was interrupted"
@@ -710,42 +610,37 @@ def execute(nb, key: list[CheckCall], row: Row, limits: Limits) -> dict[str, dic
 
     Every process the run started is gone when this returns. None if the kernel did not survive."""
     workspace, keep = Workspace(limits.sandbox), descendants()
-    kernel = None
+    kernel = NotebookRun(nb, cwd=workspace.work, env=workspace.env(), strict_checks=False,
+                         launcher=workspace.command, ipc_dir=workspace.run, memory_limit=limits.memory,
+                         quiet_kernel=True, cell_timeout=limits.cell_timeout, total_timeout=limits.submission_timeout,
+                         interrupt_grace=INTERRUPT_GRACE, max_output_bytes=OUTPUT_LIMIT)
     try:
         try:
-            kernel = Kernel(workspace, limits.memory)
+            kernel.start()
         except Exception as err:
             row.reasons.append(f"the kernel did not start ({type(err).__name__}: {str(err)[:160]})")
             return None
-        alive, errors = True, []
-        deadline = time.monotonic() + limits.submission_timeout
-        cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
-        for n, (index, cell) in enumerate(cells):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                row.reasons.append(f"the notebook exceeded its time limit ({limits.submission_timeout:g} s): "
-                                   f"{len(cells) - n} cell(s) from cell {index} on did not run")
-                break
-            outcome = kernel.run(cell.source, min(limits.cell_timeout, left))
-            problem = _cell_problem(index, outcome, limits.cell_timeout, limits.memory)
+        result = kernel.run_cells(stop_on_error=False)
+        errors = []
+        for cell in result.cells:
+            problem = _cell_problem(cell.index, cell, limits.cell_timeout, limits.memory)
             if problem:
                 row.reasons.append(problem)
-            elif outcome.status == "error" and outcome.ename != "NotImplementedError":
-                errors.append(f"{index} ({outcome.ename})")
-            if outcome.status in ("stuck", "dead"):
-                alive = False
-                break
+            elif cell.status == "error" and cell.ename != "NotImplementedError":
+                errors.append(f"{cell.index} ({cell.ename})")
+        if result.stopped == "time":
+            row.reasons.append(f"the notebook exceeded its time limit ({limits.submission_timeout:g} s): "
+                               f"{len(result.not_run)} cell(s) from cell {result.not_run[0]} on did not run")
         if errors:
             row.reasons.append("errors in cell " + ", ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
-        if not alive:
+        if result.stopped == "kernel":
             row.reasons.append("exercises not graded: the kernel is gone")
             return None
         records = kernel_answers(kernel, key, workspace, max(limits.cell_timeout, CHECK_TIMEOUT))
         row.peak_mib = _peak_rss_mib(descendants() - keep)
         return records
     finally:
-        if kernel is not None:
-            kernel.close()
+        kernel.close()
         kill_new_processes(keep)
         workspace.close()
 
@@ -841,16 +736,16 @@ def grade(path: Path, forced: str | None, limits: Limits) -> Row:
     return row
 
 
-def course_digest() -> dict[str, str]:
+def course_digest(root: Path = ROOT) -> dict[str, str]:
     """sha256 of every file of the course tree (not .git, .venv or caches): a submission must not change it."""
     digests = {}
     skip = {".git", ".venv", "__pycache__", ".ipynb_checkpoints", ".pytest_cache", ".ruff_cache"}
-    for folder, dirs, files in os.walk(ROOT):
+    for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in skip]
         for name in files:
             path = Path(folder) / name
             with contextlib.suppress(OSError):
-                digests[str(path.relative_to(ROOT))] = hashlib.sha256(path.read_bytes()).hexdigest()
+                digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests
 
 

@@ -306,21 +306,26 @@ def build(solutions_dir="solutions", notebooks_dir="notebooks", check: bool = Fa
     return changed
 
 
+class NotebookFailed(RuntimeError):
+    """A solution notebook that did not run to the end (its file is left as it was)."""
+
+
 def execute(path, timeout: int = 900, cwd=None):
     """Run a solution notebook top to bottom and save it in place with its outputs; return it.
 
-    The working directory is the notebook's folder (as in JupyterLab) unless ``cwd`` is given.
-    On an error nothing is saved, so a failing run never replaces good outputs.
+    The working directory is the notebook's folder (as in JupyterLab) unless ``cwd`` is given. The kernel
+    runs through ``helpers.tools.runner`` (``COURSE_PROGRESS=0``: no progress bars in the saved outputs).
+    On an error nothing is saved, so a failing run never replaces good outputs: ``NotebookFailed`` says
+    which cell failed, the section it is in, and the first line of the error.
     """
-    from nbclient import NotebookClient  # only here: building student notebooks does not need it
+    from helpers.tools.runner import run_notebook
 
     path = Path(path)
     nb = _read(path)
     stamp(nb, path.name)  # the set-up cell is what makes `helpers` importable
-    # record_timing=False: timestamps would change every solution file on every run.
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": str(cwd or path.parent)}})
-    client.execute()
+    result = run_notebook(nb, cwd=cwd or path.parent, cell_timeout=timeout)
+    if not result.ok:
+        raise NotebookFailed(f"{path.name}: {result.error or result.stopped}; not saved")
     nbformat.write(nb, path, version=4)
     return nb
 
@@ -479,7 +484,11 @@ def main(argv=None) -> int:
     if args.command == "execute":
         for path in _select(solutions, args.names):
             print(f"executing {os.path.relpath(path)} ...", flush=True)
-            execute(path, timeout=args.timeout)
+            try:
+                execute(path, timeout=args.timeout)
+            except NotebookFailed as err:
+                print(f"failed: {err}", file=sys.stderr)
+                return 1
     changed = build(solutions, notebooks)
     print(f"updated {len(changed)} file(s)" + (":\n" + show(changed) if changed else ""))
     return 0
