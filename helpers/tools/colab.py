@@ -28,8 +28,8 @@ NEVER_INSTALL = frozenset({"torch"})  # Colab's CUDA torch must stay; locally se
 # runtime) and the test/lint tools, which no lesson imports.
 # pandas: Colab pins its own 2.x, and the lessons need nothing from 3.x.
 # ipython, jupyter-client and psutil: Colab's runtime runs on its own versions; any version does for the lessons.
-COLAB_SKIP = NEVER_INSTALL | {"ipykernel", "jupyterlab", "pytest", "pytest-xdist", "nbval", "ruff", "selenium", "pandas", "ipython",
-                              "jupyter-client", "psutil"}
+COLAB_SKIP = NEVER_INSTALL | {"ipykernel", "jupyterlab", "pytest", "pytest-xdist", "nbval", "ruff", "selenium",
+                              "pandas", "ipython", "jupyter-client", "psutil"}
 CPU_ONLY = "CPU only: no CUDA GPU was found; every lesson runs on CPU, just slower"
 
 # Plain Python (subprocess, not `!git`), so ruff and py_compile accept the notebooks. Locally the course
