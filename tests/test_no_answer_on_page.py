@@ -14,6 +14,7 @@ from helpers.checks import EXERCISES, KINDS, _load_lesson_checks
 from helpers.constants import LESSON_PATTERN, ROOT
 from helpers.tools.notebooks import (
     _leaves,
+    _numbers,
     answers_on_the_page,
     check_records,
     exercise_cells,
@@ -115,3 +116,9 @@ def test_every_kind_of_exercise_is_in_the_course():
     _load_lesson_checks()
     kinds = {ex.kind for ex in EXERCISES.values()}
     assert kinds == set(KINDS), f"missing: {sorted(set(KINDS) - kinds)}"
+
+
+def test_a_duration_is_read_only_as_itself():
+    # "in 2.43 s" once matched a 2.43 GiB answer: a time is never bytes or a fraction printed in other units.
+    assert _numbers("peak 2,268.5 MiB in 2.43 s on cpu") == {(2268.5, True), (2.43, False)}
+    assert _numbers("a step of 2.43 seconds, 2.43 GiB") == {(2.43, False), (2.43, True)}

@@ -359,12 +359,18 @@ def _cell_text(cell) -> str:
     return "\n".join(parts)
 
 
+DURATION = re.compile(r"\s?(?:s|ms|min|seconds?)\b")  # "2.43 s": a time, never bytes or a fraction in other units
+
+
 def _numbers(text: str) -> set[tuple[float, bool]]:
-    """(number, whether it may be in another unit): a small whole number ("4 blocks") is only itself."""
+    """(number, whether it may be in another unit): a small whole number ("4 blocks") or a duration ("2.43 s")
+    is only itself."""
     found = set()
-    for match in NUMBER.findall(text):
-        number = float(match.replace(",", ""))
-        found.add((number, "." in match or "e" in match.lower() or number >= SMALL))
+    for match in NUMBER.finditer(text):
+        digits = match.group()
+        number = float(digits.replace(",", ""))
+        duration = DURATION.match(text, match.end()) is not None
+        found.add((number, not duration and ("." in digits or "e" in digits.lower() or number >= SMALL)))
     return found
 
 
