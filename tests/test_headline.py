@@ -12,10 +12,9 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from helpers import headline as hl
-from helpers.constants import LESSON_PATTERN, ROOT
+from helpers.constants import LESSON_PATTERN, ROOT, MiB
 from helpers.memory_report import MemoryReport
 
-MiB = 2**20
 SOLUTIONS = sorted((ROOT / "solutions").glob(LESSON_PATTERN))
 
 

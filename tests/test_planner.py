@@ -6,11 +6,10 @@ import sys
 import pytest
 from casebook import COURSE
 
+from helpers.constants import GiB
 from helpers.estimate import Dims, Recipe, predict
 from helpers.models import reference_config, tiny_config
 from helpers.planner import GPU, GPUS, MODELS, cheapest_fit, fits, ladder, largest_batch, plan, planner
-
-GiB = 2**30
 
 
 @pytest.mark.parametrize("config", [tiny_config(), COURSE], ids=["tiny", "course-shaped"])

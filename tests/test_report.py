@@ -13,9 +13,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from helpers.constants import MiB
 from helpers.tools import course_report as report
 
-MiB = 2**20
 HEADLINE = """\
 from helpers.headline import headline
 
