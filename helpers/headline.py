@@ -135,35 +135,38 @@ def error_percent(row: dict) -> float:
     return 100 * (p - m) / m if m else (0.0 if p == 0 else float("inf"))
 
 
-def _mib(b: float) -> str:
+def as_mib(b: float) -> str:
+    """Bytes as MiB with one decimal, thousands separated (the tables' unit)."""
     return f"{b / MiB:,.1f}"
 
 
-def _cell(text) -> str:
+def md_cell(text) -> str:
+    """Text safe inside a Markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown(data: dict) -> str:
     """The summary the learner reads: small tables, MiB and seconds."""
-    out = [f"**Headline:** {_cell(data['technique'])}", ""]
+    out = [f"**Headline:** {md_cell(data['technique'])}", ""]
     if data["measured"]:
         base = data["measured"][0]["total"]
         out += ["| measured | peak MiB | vs first |", "|---|---:|---:|"]
-        out += [f"| {_cell(r['label'])} | {_mib(r['total'])} | " + (f"{r['total'] / base:.2f}x |" if base else " |")
+        out += [f"| {md_cell(r['label'])} | {as_mib(r['total'])} | " + (f"{r['total'] / base:.2f}x |" if base else " |")
                 for r in data["measured"]]
         out.append("")
     if data["predicted"]:
         out += ["| predicted vs measured | predicted MiB | measured MiB | error % |", "|---|---:|---:|---:|"]
-        out += [f"| {_cell(r['label'])} | {_mib(r['predicted'])} | {_mib(r['measured'])} | {error_percent(r):+.1f} |"
+        out += [(f"| {md_cell(r['label'])} | {as_mib(r['predicted'])} | {as_mib(r['measured'])} | "
+                 f"{error_percent(r):+.1f} |")
                 for r in data["predicted"]]
         out.append("")
     for group, unit in (("quality", "value"), ("time", "seconds"), ("extra", "value")):
         if data[group]:
             out += [f"| {group} | {unit} |", "|---|---:|"]
-            out += [f"| {_cell(r['label'])} | {r['value']:,.4g} |" for r in data[group]]
+            out += [f"| {md_cell(r['label'])} | {r['value']:,.4g} |" for r in data[group]]
             out.append("")
     if data.get("not_measured"):
-        out.append("Not measured in this run: " + ", ".join(_cell(label) for label in data["not_measured"]) + ".")
+        out.append("Not measured in this run: " + ", ".join(md_cell(label) for label in data["not_measured"]) + ".")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -172,10 +175,10 @@ def text(data: dict) -> str:
     lines = [f"Headline: {data['technique']}"]
     for r in data["measured"]:
         parts = r["parts"] or {}
-        detail = ", ".join(f"{LABELS[c]} {_mib(parts[c])}" for c in CATEGORIES if parts.get(c))
-        lines.append(f"  measured  {r['label']}: peak {_mib(r['total'])} MiB" + (f" ({detail})" if detail else ""))
+        detail = ", ".join(f"{LABELS[c]} {as_mib(parts[c])}" for c in CATEGORIES if parts.get(c))
+        lines.append(f"  measured  {r['label']}: peak {as_mib(r['total'])} MiB" + (f" ({detail})" if detail else ""))
     for r in data["predicted"]:
-        lines.append(f"  predicted {r['label']}: {_mib(r['predicted'])} MiB against {_mib(r['measured'])} MiB "
+        lines.append(f"  predicted {r['label']}: {as_mib(r['predicted'])} MiB against {as_mib(r['measured'])} MiB "
                      f"measured ({error_percent(r):+.1f} %)")
     for group in ("quality", "time", "extra"):
         lines += [f"  {group:9} {r['label']}: {r['value']:,.4g}" for r in data[group]]

@@ -31,8 +31,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..constants import ROOT, MiB
-from ..headline import error_percent
+from ..constants import ROOT
+from ..headline import as_mib, error_percent, md_cell
 from ..memory_report import CATEGORIES, LABELS
 
 DEFAULT_OUT = ROOT / "course-report"  # ignored by git (.gitignore: /course-report/)
@@ -109,21 +109,13 @@ def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(round(s % 60)):02d} s"
 
 
-def _mib(b: float) -> str:
-    return f"{b / MiB:,.1f}"
-
-
-def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _before_after(result: LessonResult) -> str:
     configs = (result.headline or {}).get("measured", [])
     if len(configs) < 2:
         return ""
     before, after = configs[0], configs[-1]
     ratio = after["total"] / before["total"] if before["total"] else float("nan")
-    return f"{_mib(before['total'])} → {_mib(after['total'])} MiB ({ratio:.2f}x)"
+    return f"{as_mib(before['total'])} → {as_mib(after['total'])} MiB ({ratio:.2f}x)"
 
 
 def _prediction_summary(result: LessonResult) -> str:
@@ -212,11 +204,11 @@ def _lesson_section(result: LessonResult, plots: dict) -> list[str]:
     if result.error:
         where = f"cell {result.error_cell}" if result.error_cell is not None else ""
         if where and result.error_section:
-            where += f" (section “{_cell(result.error_section)}”)"
-        out += [f"Error in {where + ': ' if where else ''}`{_cell(result.error)}`", ""]
+            where += f" (section “{md_cell(result.error_section)}”)"
+        out += [f"Error in {where + ': ' if where else ''}`{md_cell(result.error)}`", ""]
     if result.technique:
         out += [f"Technique: {result.technique}.", ""]
-    out += [f"*Note: {_cell(note)}.*" if not note.endswith(".") else f"*Note: {_cell(note)}*"
+    out += [f"*Note: {md_cell(note)}.*" if not note.endswith(".") else f"*Note: {md_cell(note)}*"
             for note in result.notes]
     if result.notes:
         out.append("")
@@ -228,21 +220,22 @@ def _lesson_section(result: LessonResult, plots: dict) -> list[str]:
                 + " | peak MiB | vs first |", "|---|" + "---:|" * (len(CATEGORIES) + 2)]
         for row in configs:
             parts = row.get("parts") or {}
-            cells = [_mib(parts[c]) if c in parts else "" for c in CATEGORIES]
+            cells = [as_mib(parts[c]) if c in parts else "" for c in CATEGORIES]
             ratio = f"{row['total'] / base:.2f}x" if base else ""
-            out.append(f"| {_cell(row['label'])} | " + " | ".join(cells) + f" | {_mib(row['total'])} | {ratio} |")
+            out.append(f"| {md_cell(row['label'])} | " + " | ".join(cells) + f" | {as_mib(row['total'])} | {ratio} |")
         out.append("")
     predicted = h.get("predicted", [])
     if predicted:
         out += ["| predicted vs measured | predicted MiB | measured MiB | error % |", "|---|---:|---:|---:|"]
-        out += [f"| {_cell(r['label'])} | {_mib(r['predicted'])} | {_mib(r['measured'])} | {error_percent(r):+.2f} |"
+        out += [(f"| {md_cell(r['label'])} | {as_mib(r['predicted'])} | {as_mib(r['measured'])} | "
+                 f"{error_percent(r):+.2f} |")
                 for r in predicted]
         out.append("")
     for group, heading in (("quality", "value"), ("time", "seconds"), ("extra", "value")):
         rows = h.get(group, [])
         if rows:
             out += [f"| {group} | {heading} |", "|---|---:|"]
-            out += [f"| {_cell(r['label'])} | {r['value']:,.4g} |" for r in rows]
+            out += [f"| {md_cell(r['label'])} | {r['value']:,.4g} |" for r in rows]
             out.append("")
     if result.lesson in plots:
         out += [f"![{result.name}: memory by category]({plots[result.lesson]})", ""]
@@ -259,7 +252,7 @@ def render(results: list[LessonResult], machine: list[str], plots: dict, pending
         out += [f"> **Partial report**: {len(results)} of {len(results) + len(pending)} lessons done ({why}). "
                 f"Not run: {', '.join(pending) or 'none'}.", ""]
     out += [f"Written {now}" + (f" by `{command}`" if command else "") + ".", "", "## This machine", ""]
-    out += [f"- {_cell(line)}" for line in machine] + [""]
+    out += [f"- {md_cell(line)}" for line in machine] + [""]
     passed = sum(r.passed for r in results)
     total = sum(r.seconds for r in results)
     out += ["## Summary", "",
