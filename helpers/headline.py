@@ -13,7 +13,7 @@
 - ``measured``: the configurations the lesson measured on one workload, in order; the first is the baseline
   ("before"), the last the headline ("after"). Each is *memory*: a ``MemoryReport`` (what ``measure`` and
   ``predict`` return), a dict of bytes by category (``{"weights": n}``), or a number of bytes (a total without
-  breakdown).
+  breakdown). A ``MemoryReport`` that knows the moment of its peak ("backward start") carries it along.
 - ``predicted``: label -> (predicted memory, measured memory), compared on their totals.
 - ``quality`` (held-out perplexity or loss), ``time`` (seconds), ``extra`` (any other number the lesson is about;
   the label says the unit): label -> number.
@@ -31,7 +31,7 @@ import math
 import numbers
 
 from .constants import MiB
-from .memory_report import CATEGORIES, LABELS
+from .memory_report import CATEGORIES, LABELS, moment_words
 
 MIMETYPE = "application/vnd.course.headline+json"
 VERSION = 1
@@ -62,10 +62,13 @@ def _number(value, where: str, minimum: float | None = None) -> float:
 
 
 def memory(value, where: str = "memory") -> dict:
-    """{"total": bytes, "parts": {category: bytes} or None} for a MemoryReport, a dict by category or a number."""
+    """{"total": bytes, "parts": {category: bytes} or None} for a MemoryReport, a dict by category or a number; a
+    MemoryReport that knows the moment of its peak ("backward start", ...) adds {"moment": moment}, since its parts
+    are what was alive at that moment (a step whose peak is at the start of backward shows no gradients)."""
     if all(hasattr(value, c) for c in CATEGORIES):
         parts = {c: int(_number(getattr(value, c), f"{where}.{c}", 0)) for c in CATEGORIES}
-        return {"total": sum(parts.values()), "parts": parts}
+        moment = getattr(value, "moment", None)
+        return {"total": sum(parts.values()), "parts": parts, **({"moment": str(moment)} if moment else {})}
     if isinstance(value, dict):
         unknown = [k for k in value if k not in CATEGORIES]
         if unknown or not value:
@@ -140,6 +143,14 @@ def as_mib(b: float) -> str:
     return f"{b / MiB:,.1f}"
 
 
+def as_duration(seconds: float) -> str:
+    """Seconds as a reader says them: "41.2 s", "3 min 05 s"."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
 def md_cell(text) -> str:
     """Text safe inside a Markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -150,8 +161,12 @@ def markdown(data: dict) -> str:
     out = [f"**Headline:** {md_cell(data['technique'])}", ""]
     if data["measured"]:
         base = data["measured"][0]["total"]
-        out += ["| measured | peak MiB | vs first |", "|---|---:|---:|"]
-        out += [f"| {md_cell(r['label'])} | {as_mib(r['total'])} | " + (f"{r['total'] / base:.2f}x |" if base else " |")
+        moments = any(r.get("moment") for r in data["measured"])  # a column only when some peak's moment is known
+        out += ["| measured | peak MiB | " + ("moment of the peak | " if moments else "") + "vs first |",
+                "|---|---:|" + ("---|" if moments else "") + "---:|"]
+        out += [f"| {md_cell(r['label'])} | {as_mib(r['total'])} | "
+                + (f"{moment_words(r.get('moment')) or '—'} | " if moments else "")
+                + (f"{r['total'] / base:.2f}x |" if base else " |")
                 for r in data["measured"]]
         out.append("")
     if data["predicted"]:
@@ -176,7 +191,8 @@ def text(data: dict) -> str:
     for r in data["measured"]:
         parts = r["parts"] or {}
         detail = ", ".join(f"{LABELS[c]} {as_mib(parts[c])}" for c in CATEGORIES if parts.get(c))
-        lines.append(f"  measured  {r['label']}: peak {as_mib(r['total'])} MiB" + (f" ({detail})" if detail else ""))
+        at = f" at {moment_words(r['moment'])}" if r.get("moment") else ""
+        lines.append(f"  measured  {r['label']}: peak {as_mib(r['total'])} MiB{at}" + (f" ({detail})" * bool(detail)))
     for r in data["predicted"]:
         lines.append(f"  predicted {r['label']}: {as_mib(r['predicted'])} MiB against {as_mib(r['measured'])} MiB "
                      f"measured ({error_percent(r):+.1f} %)")

@@ -124,12 +124,13 @@ class _Tracker(TorchDispatchMode):
         self.refs: dict[int, weakref.ref] = {}
         self.clock = 0
         self.timeline = timeline
-        self.phase_marks: list[tuple[int, str]] = []  # (clock, phase) at each change, with timeline=True
+        self.phase_marks: list[tuple[int, str]] = []  # (clock, phase) at each change: the peak's moment, the timeline
+        self.peak_clock = 0  # the clock of the peak (peak_breakdown)
         self.in_step = False
         self.start_clock = 0  # the clock when the measured block began (set by Meter)
 
     def set_phase(self, phase: str) -> None:
-        """Note that the events from now on belong to ``phase`` (only when recording a timeline)."""
+        """Note that the events from now on belong to ``phase``."""
         if not self.phase_marks or self.phase_marks[-1][1] != phase:
             self.phase_marks.append((self.clock, phase))
 
@@ -200,11 +201,35 @@ class _Tracker(TorchDispatchMode):
             total += delta
             if total > best:
                 best, best_clock = total, clock
+        self.peak_clock = best_clock
         out = dict.fromkeys(CATEGORIES, 0)
         for nbytes, cat, born, died in self.records:
             if born <= best_clock and (died is None or died > best_clock):
                 out[cat] += nbytes
         return out
+
+    def moment_of_peak(self) -> str | None:
+        """The moment of the peak (after ``peak_breakdown``) in ``helpers.estimate``'s words: "forward", "backward
+        start" (no gradient made yet in this backward), "backward" (some made), "backward end" (all made) or
+        "optimizer step", with ", accumulating" in a
+        later micro-batch of an accumulated step; None for a block that is not a training step (no backward, no
+        optimizer step), such as loading a model or generating."""
+        if not any(phase != "forward" for _, phase in self.phase_marks):
+            return None
+        before = [(clock, name) for clock, name in self.phase_marks if clock < self.peak_clock]
+        phase, began = before[-1][::-1] if before else ("forward", self.start_clock)
+        moment = phase
+        if phase == "backward":
+            ends = min((clock for clock, _ in self.phase_marks if clock >= self.peak_clock), default=self.clock)
+            grads = [born for _, cat, born, _ in self.records if cat == "gradients" and began < born <= ends]
+            if not any(born <= self.peak_clock for born in grads):
+                moment = "backward start"  # no gradient of this backward yet
+            elif not any(born > self.peak_clock for born in grads):
+                moment = "backward end"  # every gradient of this backward made
+        # A later micro-batch of an accumulated step: an earlier backward already wrote gradients.
+        if phase != "optimizer step" and any(name == "backward" and clock < began for clock, name in before):
+            moment += ", accumulating"
+        return moment
 
     def timeline_of(self) -> Timeline:
         """Replay births and deaths into live bytes by category after each event, with the phases."""
@@ -235,10 +260,10 @@ class _Tracker(TorchDispatchMode):
         return Timeline(bytes=series, phases=phases)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        phase = self._current_phase() if self.timeline else None
+        phase = self._current_phase()
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if phase and tensors:  # an op that makes no tensor (loss.item()) does not start a phase
+        if tensors:  # an op that makes no tensor (loss.item()) does not start a phase
             self.set_phase(phase)
         for t in tensors:
             self.add(t)
@@ -341,8 +366,7 @@ class Meter:
 
     def _on_step_begin(self, optimizer, *_):
         self.tracker.in_step = True
-        if self.timeline:
-            self.tracker.set_phase("optimizer step")
+        self.tracker.set_phase("optimizer step")
         # What the optimizer consumes is a gradient, whoever made it: DDP's bucket views, FSDP's sharded .grad,
         # DeepSpeed's flat gradient partition.
         self.tracker.mark((p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None),
@@ -374,7 +398,8 @@ class Meter:
         t = self.tracker
         self.report = MemoryReport(**t.peak_breakdown(), seconds=self.seconds,
                                    device=str(self.device), before=self.before, after=t.current(),
-                                   returned=result, timeline=t.timeline_of() if self.timeline else None)
+                                   returned=result, moment=t.moment_of_peak(),
+                                   timeline=t.timeline_of() if self.timeline else None)
         if self.device.type == "cuda":
             self.report.cuda_max_allocated = torch.cuda.max_memory_allocated(self.device)
             self.report.cuda_reserved = torch.cuda.memory_reserved(self.device)

@@ -33,7 +33,7 @@ class MemoryReport:
     cuda_max_allocated: int | None = None
     cuda_reserved: int | None = None
     returned: object = field(default=None, repr=False, compare=False)  # what the measured block returned
-    moment: str | None = None  # the moment of the step at the peak, when known ("backward start", ...)
+    moment: str | None = field(default=None, compare=False)  # the moment of a step's peak, when known: moment_words
     timeline: Timeline | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -68,6 +68,21 @@ class MemoryReport:
         return (f"<table><tr><th>category</th><th>MiB at peak</th></tr>{rows}"
                 f"<tr><td><b>peak</b></td><td style='text-align:right'><b>{self.peak / MiB:,.1f}</b>"
                 f"</td></tr></table><small>{self.seconds:.2f} s on {self.device}</small>")
+
+
+def moment_words(moment: str | None) -> str:
+    """A peak's moment as a reader says it: "backward start" -> "start of backward", "block 3" -> "backward, block
+    3", "forward end, accumulating" -> "end of forward (accumulating)"; "" when unknown. The moments are those
+    ``helpers.estimate.predict`` names and ``helpers.memory.measure`` finds in a training step (forward,
+    backward start, backward, optimizer step)."""
+    if not moment:
+        return ""
+    name, _, rest = moment.partition(", ")
+    words = {"backward start": "start of backward", "forward end": "end of forward", "backward end": "end of backward",
+             "backward": "during backward", "forward": "during forward"}.get(name, name)
+    if name.startswith("block "):
+        words = f"backward, {name}"
+    return f"{words} ({rest})" if rest else words
 
 
 @dataclass

@@ -13,6 +13,7 @@ on two cores); the exercises' checks have their own tests (tests/test_checks_les
 import csv
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ SOLUTION_00 = ROOT / "solutions" / "00_where_the_memory_goes.ipynb"
 STUDENT_00 = ROOT / "notebooks" / "00_where_the_memory_goes.ipynb"
 STUDENT_01 = ROOT / "notebooks" / "01_loading_in_8bit_and_4bit.ipynb"
 EXERCISES_00 = ["weights_7b", "adamw_state_bytes", "largest_category", "logits_bytes"]
+COLUMNS_00 = [f"{e} (max 1)" for e in EXERCISES_00]  # the CSV names each exercise with its maximum
 
 # Runs in the graded kernel: every way a notebook can make the checks say "passed" from the inside.
 CHEAT = """\
@@ -69,8 +71,10 @@ class Grader:
 
 
 def read_rows(path: Path) -> dict[str, dict]:
+    """The CSV's rows by file name, exercise columns by exercise name ("weights_7b (max 1)" -> "weights_7b")."""
     with open(path, newline="", encoding="utf-8") as f:
-        return {Path(r["submission"]).name: r for r in csv.DictReader(f)}
+        return {Path(r["submission"]).name: {re.sub(r" \(max [\d.]+\)$", "", k): v for k, v in r.items()}
+                for r in csv.DictReader(f)}
 
 
 def fingerprint(paths):
@@ -142,7 +146,11 @@ def cheating_student_notebook(solution):
 def lesson00_submissions(folder: Path, course: Path) -> list[Path]:
     solution = course / "solutions" / SOLUTION_00.name
     (folder / "solution.ipynb").write_bytes(solution.read_bytes())
-    (folder / "blank.ipynb").write_bytes(STUDENT_00.read_bytes())
+    # This course's lesson 00 is the short one: its handout, submitted as it was handed out.
+    nbformat.write(student_version(nbformat.read(solution, as_version=4), solution.name), folder / "blank.ipynb")
+    # The real lesson's student notebook is not this course's handout (it has the whole lesson's code), so it runs:
+    # the one student notebook the suite executes (tests/test_student_notebooks.py counts on it).
+    (folder / "real_student.ipynb").write_bytes(STUDENT_00.read_bytes())
     nbformat.write(cheating_student_notebook(nbformat.read(solution, as_version=4)), folder / "cheat.ipynb")
     (folder / "other_lesson.ipynb").write_bytes(STUDENT_01.read_bytes())
     data = SOLUTION_00.read_bytes()
@@ -226,8 +234,15 @@ def test_the_grader_runs_through_every_submission(lesson00):
     assert set(lesson00["rows"]) == {p.name for p in lesson00["files"]} | {"missing.ipynb"}
     with open(lesson00["out"], newline="", encoding="utf-8") as f:
         header = next(csv.reader(f))
-    assert header == ["submission", "lesson", *EXERCISES_00, "total", "max", "status", "peak_memory_mib", "reason"]
+    assert header == ["submission", "lesson", *COLUMNS_00, "total", "max", "status", "peak_memory_mib", "reason"]
     assert "solution.ipynb" in result.stdout and "4/4" in result.stdout  # the summary table
+    # The console names the lesson and the exercises as the CSV does.
+    label = lesson00["rows"]["solution.ipynb"]["lesson"]
+    assert label == "00 Where the memory goes" and f"exercises of {label}: {', '.join(COLUMNS_00)}" in result.stdout
+    assert all(row["lesson"] == label for row in lesson00["rows"].values())
+    # Progress went to stderr, not a terminal here: plain lines, no carriage returns, not in the CSV.
+    assert "\r" not in result.stderr and "of 11, solution.ipynb" in result.stderr
+    assert "of 11" not in lesson00["out"].read_text(encoding="utf-8") + result.stdout
 
 
 def test_submissions_are_never_written_to(lesson00):
@@ -240,13 +255,22 @@ def test_the_solution_gets_full_marks(lesson00):
     row = lesson00["rows"]["solution.ipynb"]
     assert row["status"] == "graded", row
     assert [row[e] for e in EXERCISES_00] == ["1"] * 4, row["reason"]
-    assert (row["total"], row["max"], row["lesson"]) == ("4", "4", "00_where_the_memory_goes")
+    assert (row["total"], row["max"], row["lesson"][:3]) == ("4", "4", "00 ")
     assert row["reason"] == ""
     assert 0 < float(row["peak_memory_mib"]) < 500  # the short lesson loads no model
 
 
-def test_a_blank_notebook_gets_zero(lesson00):
-    row = lesson00["rows"]["blank.ipynb"]
+def test_an_unchanged_handout_is_blank_with_zero_of_the_maximum(lesson00):
+    row = lesson00["rows"]["blank.ipynb"]  # the student notebook as handed out
+    assert row["status"] == "graded"
+    assert [row[e] for e in EXERCISES_00] == ["0"] * 4
+    assert (row["total"], row["max"]) == ("0", "4")
+    assert row["reason"] == f"{grade.BLANK}: not run"  # one reason, not a learner's hint per exercise
+    assert row["peak_memory_mib"] == ""  # nothing was run
+
+
+def test_a_student_notebook_that_is_not_the_handout_runs_and_gets_zero(lesson00):
+    row = lesson00["rows"]["real_student.ipynb"]
     assert row["status"] == "graded"
     assert [row[e] for e in EXERCISES_00] == ["0"] * 4
     assert (row["total"], row["max"]) == ("0", "4")
@@ -256,6 +280,48 @@ def test_a_blank_notebook_gets_zero(lesson00):
     # The CLI was started with COURSE_STRICT_CHECKS=1: had the kernel inherited it, the notebook's own check
     # cells would have raised AssertionError for the blank answers.
     assert "errors in cell" not in row["reason"], row["reason"]
+
+
+def test_an_unchanged_handout_is_told_without_running_it(tmp_path, monkeypatch):
+    path = tmp_path / "copy.ipynb"  # any name: the lesson is told from its cells
+    path.write_bytes(STUDENT_00.read_bytes())
+    monkeypatch.setattr(grade, "grade_notebook", lambda *a: pytest.fail("an unchanged handout was run"))
+    row = grade.grade(path, None, grade.Limits())
+    assert (row.lesson, row.total, row.max_points, row.status) == ("00", 0, 4, "graded")
+    assert row.reasons == [f"{grade.BLANK}: not run"]
+    edited = nbformat.read(path, as_version=4)  # one answer written: no longer the handout
+    cell = next(c for c in edited.cells if c.cell_type == "code" and CODE_STUB[1] in c.source)
+    cell.source = cell.source.replace(CODE_STUB[1], "bf16_bytes_7b, nf4_bytes_7b = 14e9, 3.9375e9")
+    assert not grade.unchanged_handout(edited, "00")
+    assert grade.unchanged_handout(nbformat.read(STUDENT_00, as_version=4), "00")
+    saved = nbformat.read(STUDENT_00, as_version=4)  # run and saved untouched: outputs, ids, editor whitespace
+    for i, c in enumerate(saved.cells):
+        c["id"], c.source = f"saved-{i}", c.source + "\n\n"
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [nbformat.v4.new_output("stream", name="stdout", text="out\n")], i
+    assert grade.unchanged_handout(saved, "00")
+    saved.cells.append(nbformat.v4.new_code_cell("weights_7b = 14e9"))  # an answer in a cell of its own
+    assert not grade.unchanged_handout(saved, "00")
+    assert not grade.unchanged_handout(nbformat.read(SOLUTION_00, as_version=4), "00")
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("notes.txt", b"my answers: 14 GB\n", "not a notebook: the file is not JSON"),
+    ("broken.ipynb", b'{"cells": [', "a damaged notebook"),
+    ("mystery.ipynb", nbformat.writes(notebook("x = 1")).encode(), ""),
+])
+def test_what_has_no_lesson_gets_no_maximum(tmp_path, capsys, name, data, reason):
+    path = tmp_path / name
+    path.write_bytes(data)
+    row = grade.grade(path, None, grade.Limits())
+    assert row.status == "not graded" and row.max_points is None and row.total is None
+    assert row.reasons and row.reasons[0].startswith(reason), row.reasons
+    grade.write_csv([row], tmp_path / "g.csv")
+    got = next(csv.DictReader(open(tmp_path / "g.csv", encoding="utf-8")))
+    assert (got["lesson"], got["total"], got["max"]) == ("", "", ""), got  # not 0 of 0: that reads as full marks
+    assert got["reason"] == " | ".join(row.reasons)
+    line = grade.summary([row]).splitlines()[1]
+    assert " — " in line and "0/0" not in line
 
 
 def test_redefining_or_editing_the_checks_gains_nothing(lesson00):
@@ -302,7 +368,7 @@ def limits(started):
 def test_a_memory_hog_and_an_infinite_loop_are_cut_and_later_cells_still_count(limits):
     assert limits["result"].returncode == 0, limits["result"].stderr[-3000:]
     row = limits["rows"]["00_limits.ipynb"]  # told from its file name: no lesson 00 cell in it
-    assert row["lesson"] == "00_where_the_memory_goes" and row["status"] == "graded"
+    assert row["lesson"] == grade.lesson_label("00") and row["status"] == "graded"
     assert "cell 0 ran out of memory (limit 1 GiB): MemoryError" in row["reason"], row["reason"]
     assert "cell 2 exceeded the time limit (3 s) and was interrupted" in row["reason"], row["reason"]
     assert (row["weights_7b"], row["adamw_state_bytes"], row["total"], row["max"]) == ("1", "1", "2", "4")
@@ -379,15 +445,58 @@ def test_memory_sizes():
 
 
 def test_rows_of_several_lessons_share_one_header(tmp_path):
-    rows = [grade.Row("a.ipynb", "01_x", {"p": 1.0, "q": 0.0}, 2, "graded", None, ["q: not yet: hint"]),
-            grade.Row("b.ipynb", "00_y", {"r": 0.5}, 1, "graded", 900.0, []),
+    rows = [grade.Row("a.ipynb", "01", {"p": 1.0, "q": 0.0}, {"p": 1.0, "q": 1.0}, "graded", None,
+                      ["q: not yet: hint"]),
+            grade.Row("b.ipynb", "00", {"r": 0.5}, {"r": 2.0}, "graded", 900.0, []),
             grade.Row("c.ipynb", reasons=["not a notebook"])]
     header = grade.write_csv(rows, tmp_path / "g.csv")
-    assert header == ["submission", "lesson", "r", "p", "q", "total", "max", "status", "peak_memory_mib", "reason"]
+    assert header == ["submission", "lesson", "r (max 2)", "p (max 1)", "q (max 1)", "total", "max", "status",
+                      "peak_memory_mib", "reason"]
+    l00, l01 = grade.lesson_label("00"), grade.lesson_label("01")
+    assert l00.startswith("00 ") and len(l00) > 3 and l01.startswith("01 ")
     got = list(csv.reader(open(tmp_path / "g.csv", encoding="utf-8")))[1:]
-    assert got == [["a.ipynb", "01_x", "", "1", "0", "1", "2", "graded", "", "q: not yet: hint"],
-                   ["b.ipynb", "00_y", "0.5", "", "", "0.5", "1", "graded", "900", ""],
-                   ["c.ipynb", "", "", "", "", "0", "0", "not graded", "", "not a notebook"]]
+    assert got == [["a.ipynb", l01, "", "1", "0", "1", "2", "graded", "", "q: not yet: hint"],
+                   ["b.ipynb", l00, "0.5", "", "", "0.5", "2", "graded", "900", ""],
+                   ["c.ipynb", "", "", "", "", "", "", "not graded", "", "not a notebook"]]
+    table = grade.summary(rows)  # the console names lessons and exercises with the same formatter
+    assert f"exercises of {l00}: r (max 2)" in table and f"exercises of {l01}: p (max 1), q (max 1)" in table
+    assert all(label in line for label, line in zip([l01, l00], table.splitlines()[1:3], strict=True))
+
+
+def test_a_long_reason_is_cut_at_a_word_boundary_on_the_console_and_whole_in_the_csv(tmp_path):
+    reason = ("weights_7b: not yet: bf16: you said 7.00 GB but two bytes per parameter for seven billion "
+              "parameters is fourteen gigabytes; count again")
+    row = grade.Row("a.ipynb", "00", {"weights_7b": 0.0}, {"weights_7b": 1.0}, "graded", None, [reason])
+    line = grade.summary([row], reason_width=60).splitlines()[1]
+    shown = line[line.index("weights_7b: not yet"):]
+    assert shown.endswith("…") and len(shown) <= 60
+    assert reason.startswith(shown[:-1]) and reason[len(shown) - 1] == " "  # the cut falls between two words
+    grade.write_csv([row], tmp_path / "g.csv")
+    assert next(csv.DictReader(open(tmp_path / "g.csv", encoding="utf-8")))["reason"] == reason
+    assert grade.shorten("a" * 10 + " " + "b" * 30, 20) == "a" * 10 + "…"
+    assert grade.shorten("see /very/long/path/to/a/file.ipynb", 20).endswith("/…")
+
+
+def test_progress_to_a_log_file_is_plain_lines(tmp_path):
+    import io
+
+    nb = notebook("x = 1", "y = 2")
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("## Baseline\ntext"))
+    log = io.StringIO()
+    progress = grade.Progress(log, terminal=False, log_every=0)
+    progress.begin(2, 3, tmp_path / "alice.ipynb")
+    progress.cell(nb, 2, 2, 2)
+    progress.end("3/4 (graded)")
+    progress.close()
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert "2 of 3, alice.ipynb" in text and "cell 2 in “Baseline” (2 of 2 code cells)" in text
+    assert "2 of 3, alice.ipynb: 3/4 (graded) in 0:0" in text
+    screen = io.StringIO()  # on a terminal: one line redrawn in place
+    progress = grade.Progress(screen, terminal=True)
+    progress.begin(1, 1, tmp_path / "bob.ipynb")
+    progress.close()
+    assert screen.getvalue().startswith("\r\x1b[K1 of 1, bob.ipynb")
 
 
 @pytest.mark.parametrize("args, message", [

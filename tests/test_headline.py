@@ -122,3 +122,21 @@ def test_a_value_not_measured_in_this_run_is_named_not_shown():
     assert [r["label"] for r in data["measured"]] == ["before"] and data["predicted"] == []
     assert data["not_measured"] == ["after"] and data["extra"][0]["value"] == 2.0
     assert "Not measured in this run: after." in hl.markdown(data)
+
+
+def test_a_reports_moment_of_the_peak_goes_into_the_headline():
+    step = MemoryReport(weights=4 * MiB, optimizer=8 * MiB, activations=2 * MiB, moment="backward start")
+    data = hl.build("t", measured={"inference": MemoryReport(weights=4 * MiB), "step": step, "dict": {"weights": 1},
+                                   "number": MiB})
+    assert [r.get("moment") for r in data["measured"]] == [None, "backward start", None, None]
+    assert "moment" not in data["measured"][0]  # only a report that knows its moment carries one
+    assert "| measured | peak MiB | moment of the peak | vs first |" in hl.markdown(data)
+    assert "| step | 14.0 | start of backward | 3.50x |" in hl.markdown(data)
+    assert "measured  step: peak 14.0 MiB at start of backward (weights 4.0," in hl.text(data)
+    assert "moment" not in hl.markdown(hl.build("t", measured={"a": MiB}))  # no column when no moment is known
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_durations_read_as_a_person_says_them():
+    assert [hl.as_duration(s) for s in (41.24, 59.96, 60, 185, 3599.6)] == [
+        "41.2 s", "1 min 00 s", "1 min 00 s", "3 min 05 s", "60 min 00 s"]

@@ -305,3 +305,76 @@ def test_the_timeline_plot_marks_the_peak(tmp_path):
     ax.figure.savefig(tmp_path / "t.png")
     with pytest.raises(ValueError, match="timeline=True"):
         timeline(measure(step, model=model, optimizer=opt))
+
+
+@pytest.mark.parametrize("k,ckpt", [(1, False), (3, False), (1, True)])
+def test_the_moment_of_the_peak_is_the_phase_the_timeline_peaks_in(k, ckpt):
+    """A measured step knows its peak's moment without a timeline; it agrees with the timeline's phase at the peak,
+    and "backward start" means no gradient was made in that backward yet."""
+    model = tiny_model(num_hidden_layers=3)
+    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_accumulation_steps=k,
+                           gradient_checkpointing=ckpt)
+    step()
+    report = measure(step, model=model, optimizer=opt, timeline=True)
+    tl = report.timeline
+    phase = tl.phase_of(tl.peak_event).split(" ")[0]  # "backward 2" -> "backward"
+    moment, _, accumulating = report.moment.partition(", ")
+    assert moment in {"forward", "backward start", "backward", "backward end", "optimizer step"}
+    assert moment.startswith(phase)
+    assert bool(accumulating) == (tl.phase_of(tl.peak_event) not in ("forward", "backward", "optimizer step",
+                                                                     "forward 1", "backward 1"))
+    began = next(first for first, last, _ in tl.phases if first <= tl.peak_event <= last)
+    grads_then = tl.bytes["gradients"][max(began - 1, 0)]  # when the peak's phase began
+    assert (tl.bytes["gradients"][tl.peak_event] == grads_then) == (moment == "backward start") or phase != "backward"
+    assert measure(step, model=model, optimizer=opt).moment == report.moment  # the same without a timeline
+
+
+def test_the_moment_is_unknown_outside_a_training_step_and_found_when_gradients_exist():
+    from helpers.memory_report import moment_words
+
+    model = tiny_model()
+    with torch.no_grad():
+        assert measure(lambda: model(**batch(model)), model=model).moment is None  # no backward, no step
+    assert measure(lambda: tiny_model(), model=None).moment is None  # loading
+    # Few activations and a large embedding: the peak comes once the gradients exist, late in backward.
+    big = tiny_model(vocab_size=20_000)
+    big.model.embed_tokens.weight.requires_grad_(True)
+    ids = torch.randint(0, 20_000, (1, 2), generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.SGD(big.parameters(), lr=0.0)
+    step = make_train_step(big, opt, {"input_ids": ids, "labels": ids})
+    report = measure(step, model=big, optimizer=opt)
+    trainable = storage_bytes([p for p in big.parameters() if p.requires_grad])
+    assert report.moment == "backward end" and report.gradients == trainable  # every gradient made
+    assert moment_words("backward start") == "start of backward" and moment_words(None) == ""
+    assert moment_words("forward end, accumulating") == "end of forward (accumulating)"
+
+
+def test_stacked_bars_say_the_moment_of_each_peak_and_keep_the_legend_under_the_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers.memory_report import MemoryReport, moment_words
+    from helpers.plots import stacked_bars
+
+    model = tiny_model(num_hidden_layers=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    step = make_train_step(model, opt, batch(model, 4, 32))
+    step()
+    trained = measure(step, model=model, optimizer=opt)
+    with torch.no_grad():
+        inferred = measure(lambda: model(**batch(model, 4, 32)), model=model)
+    ax = stacked_bars({"inference": inferred, "step": trained, "given": MemoryReport(weights=MiB, moment="block 3")})
+    moments = [t.get_text() for t in ax.texts if t.get_gid() == "moment"]
+    assert trained.moment and inferred.moment is None  # an inference bar has no moment to name
+    assert moments == [f"peak: {moment_words(trained.moment)}", "peak: backward, block 3"]
+    totals = [t.get_text() for t in ax.texts if t.get_gid() == "total"]
+    assert totals == [f"{r.peak / MiB:,.0f}" for r in (inferred, trained)] + ["1"]
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.y1 < plot.y0 and legend.x0 >= 0 and legend.x1 <= fig.bbox.x1  # below the plot, inside the figure
+    for value in (t for t in ax.texts if t.get_gid() == "moment"):
+        assert value.get_window_extent(renderer).y1 <= plot.y1  # inside the plot

@@ -35,24 +35,26 @@ def test_the_kernel_environment(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_with_an_error_stops_there_and_says_where(tmp_path, monkeypatch):
+def test_a_run_with_an_error_stops_there_and_says_where(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("COURSE_STRICT_CHECKS", "1")
-    seen = []
+    seen, started = [], []
     nb = notebook("md:## Set-up", "import os\nprint('in', os.getcwd())", "",
                   "print(os.environ.get('COURSE_PROGRESS'), os.environ.get('COURSE_STRICT_CHECKS'))",
                   "md:## The broken part", "raise ValueError('boom\\nmore detail')", "open('never-ran', 'w')")
     result = run_notebook(nb, cwd=tmp_path, strict_checks=False, progress=lambda c, done, total: seen.append(
-        (c.index, done, total)))
+        (c.index, done, total)), before_cell=lambda *where: started.append(where))
     assert not result.ok and result.stopped == "error" and result.not_run == [6]
     assert [c.status for c in result.cells] == ["ok", "ok", "error"]
     assert result.cells[0].stdout == f"in {tmp_path}\n" and result.cells[1].stdout == "0 None\n"
     assert (result.error.index, result.error.heading, result.error.ename, result.error.message) == (
         5, "The broken part", "ValueError", "ValueError: boom")
     assert str(result.error) == "cell 5 (in “The broken part”): ValueError: boom"
-    assert seen == [(1, 1, 4), (3, 2, 4), (5, 3, 4)]
+    assert seen == started == [(1, 1, 4), (3, 2, 4), (5, 3, 4)]
     assert all(c.seconds >= 0 for c in result.cells) and result.seconds >= sum(c.seconds for c in result.cells)
     assert nb.cells[5].outputs[0].output_type == "error"  # the notebook object holds the outputs
     assert not (tmp_path / "never-ran").exists()
+    # The kernel's stderr is the console's: IPC sockets, so ipykernel has no plain-text TCP to warn about.
+    assert "without encryption" not in capfd.readouterr().err
 
 
 @pytest.mark.slow

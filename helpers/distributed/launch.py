@@ -47,16 +47,22 @@ class RunSpec:
     checkpoint: str = ""  # FSDP: "save" (DCP after the first step) | "resume" | "resume_weights" (a fresh launch)
     zero: tuple = ()  # ZeRO: (key, value) pairs that change the worker's zero_optimization section
     steps: int | None = None  # fewer steps than the launch's --steps (a slow run: the last one is still measured)
+    label: str = ""  # a few words for a chart's bar (the title otherwise)
+
+    @property
+    def short(self) -> str:
+        return self.label or self.title
 
 
 RUNS = {
-    "single": RunSpec("one process, the reference", "python", "single"),
-    "ddp": RunSpec("DDP through Accelerate", "accelerate", "ddp", 0),
-    "fsdp": RunSpec("FSDP full shard (fully_shard)", "torchrun", "fsdp", 3),
-    "zero1": RunSpec("DeepSpeed ZeRO-1", "deepspeed", "zero", 1),
-    "zero2": RunSpec("DeepSpeed ZeRO-2", "deepspeed", "zero", 2),
-    "zero3": RunSpec("DeepSpeed ZeRO-3", "deepspeed", "zero", 3),
-    "zero2_offload": RunSpec("DeepSpeed ZeRO-2, optimizer offloaded to CPU", "deepspeed", "zero", 2, True),
+    "single": RunSpec("one process, the reference", "python", "single", label="one process"),
+    "ddp": RunSpec("DDP through Accelerate", "accelerate", "ddp", 0, label="DDP"),
+    "fsdp": RunSpec("FSDP full shard (fully_shard)", "torchrun", "fsdp", 3, label="FSDP2 full shard"),
+    "zero1": RunSpec("DeepSpeed ZeRO-1", "deepspeed", "zero", 1, label="ZeRO-1"),
+    "zero2": RunSpec("DeepSpeed ZeRO-2", "deepspeed", "zero", 2, label="ZeRO-2"),
+    "zero3": RunSpec("DeepSpeed ZeRO-3", "deepspeed", "zero", 3, label="ZeRO-3"),
+    "zero2_offload": RunSpec("DeepSpeed ZeRO-2, optimizer offloaded to CPU", "deepspeed", "zero", 2, True,
+                             label="ZeRO-2 + CPU offload"),
     # What real multi-GPU runs add (lesson 09's last sections): FSDP2's policies, HSDP, DCP checkpoints, buckets
     "fsdp_bf16": RunSpec("FSDP2 + MixedPrecisionPolicy(bf16 compute, fp32 reduce)", "torchrun", "fsdp", 3,
                          param_dtype="bf16", steps=2),  # bf16 matmuls are slow on CPUs without AVX512-BF16

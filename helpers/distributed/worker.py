@@ -353,7 +353,7 @@ def train_and_measure(args, name: str) -> dict:
             "world_size": run.world_size, "backend": dist.get_backend() if dist.is_initialized() else None,
             "params": run.params, "layers": args.layers, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
             "losses": losses, "step_seconds": seconds, "setup_seconds": setup,
-            "peak": meter.report.as_dict(), "model_states": states}
+            "peak": meter.report.as_dict(), "moment": meter.report.moment, "model_states": states}
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 
     python -m helpers.tools.grade SUBMISSIONS... [--out grades.csv] [--lesson NN]
                             [--cell-timeout 600] [--submission-timeout 1800] [--memory-limit 8G]
-                            [--sandbox auto|bwrap|none]
+                            [--sandbox auto|bwrap|none] [--quiet]
 
 SUBMISSIONS are notebook files or folders of them (``*.ipynb``). Each one gets one row in the CSV: its
 lesson, the points of every exercise, the total, the maximum, and the reason for every point not given.
@@ -11,7 +11,11 @@ How a submission is graded:
 - The lesson is told from the notebook's cells (their ids and sources, compared with every lesson), or
   from a file name starting ``NN_``, or from ``--lesson NN``. A file that is not a notebook, a truncated
   file, a notebook whose lesson cannot be told, or a notebook of another lesson than the one it claims
-  gets a row with the reason and no points; nothing in it is executed.
+  gets a row with the reason and no points; nothing in it is executed. Its maximum is the lesson's when the lesson
+  is known (``--lesson``, the file name), else empty: 0 of 0 would read as full marks in a gradebook.
+- An unchanged handout (every answer cell still the stub the student notebook was handed out with, and no code
+  added or edited; outputs, metadata and markdown do not count) is "blank (unchanged from the handout)": 0 points
+  of the lesson's maximum, and not run, since it answers nothing.
 - The submission is read once, into memory, and never written to.
 
 How it runs (what a submission can and cannot reach):
@@ -50,12 +54,17 @@ How it runs (what a submission can and cannot reach):
 - ``COURSE_STRICT_CHECKS`` is removed from the environment of everything a submission runs.
 - The CSV is written once, after every submission's processes are gone.
 
-CSV columns: ``submission, lesson``, one column per exercise (the union over the lessons graded in this
-run, in lesson order; empty for exercises of another lesson), ``total, max, status`` (``graded`` or
-``not graded``; ``stopped`` for a submission that changed the course), ``peak_memory_mib`` (the kernel's peak
-resident memory, read by the grader from /proc) and ``reason``: why the
-submission was not graded, what went wrong while it ran (time and memory limits, a dead kernel), and
-for every exercise short of full points, the check's own feedback. A summary table is printed too.
+CSV columns: ``submission, lesson`` (``05 QLoRA``: its number and title, as in the summary table), one column per
+exercise, named with its maximum (``weights_7b (max 1)``; the union over the lessons graded in this run, in lesson
+order; empty for exercises of another lesson), ``total, max`` (both empty when no lesson could be told),
+``status`` (``graded`` or ``not graded``; ``stopped`` for a submission that changed the course),
+``peak_memory_mib`` (the kernel's peak resident memory, read by the grader from /proc) and ``reason``, in full: why
+the submission was not graded, what went wrong while it ran (time and memory limits, a dead kernel), and for
+every exercise short of full points, the check's own feedback. The summary table on stdout uses the same lesson
+and exercise names, and shows each row's first reason cut at a word boundary.
+
+While a submission runs, stderr shows which one (k of n), which cell and the section above it, and the time so far:
+one line redrawn in place on a terminal, plain lines now and then in a log file (``--quiet``: none).
 The exit status is 0 whenever the grader ran, whatever the submissions held; 2 for a usage error.
 """
 
@@ -68,6 +77,7 @@ import csv
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -75,12 +85,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import LESSON_PATTERN, ROOT
-from .runner import INTERRUPT_GRACE, CellRun, NotebookRun, limits_preexec
+from .runner import INTERRUPT_GRACE, CellRun, NotebookRun, limits_preexec, section_heading
 
 SOLUTIONS = ROOT / "solutions"
 MAX_BYTES = 100 * 2**20  # a lesson notebook with its outputs is a few MB
@@ -90,7 +101,31 @@ DEFAULT_SUBMISSION_TIMEOUT = 1800
 DEFAULT_MEMORY_LIMIT = "8G"
 CHECK_TIMEOUT = 60  # at least this for reading one answer out of the kernel
 OUTPUT_LIMIT = 8 * 2**20  # bytes of output one cell may keep in the grader's memory
+MESSAGE_LIMIT = 600  # characters of one check's feedback kept (a bound on what a submission's answer can make it)
+REASON_WIDTH = 72  # characters of the first reason shown in the summary table (the CSV keeps every reason in full)
+LOG_EVERY = 60  # seconds between progress lines when stderr is a file, not a terminal
 OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "bad_alloc", "out of memory")
+
+
+# Warnings a library logs in the grader's own process that say nothing about a submission: bitsandbytes, imported
+# to read lesson 01's quantization configs, warns once per run on CPUs with AVX512-BF16 that an optional fast kernel
+# package is missing. The grader multiplies nothing in 4 bits. Only these messages are dropped; the loggers' others
+# pass.
+LIBRARY_NOISE = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",)}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_library_noise() -> None:
+    for name, starts in LIBRARY_NOISE.items():
+        logging.getLogger(name).addFilter(_DropMessages(starts))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,31 +231,57 @@ def read_submission(path: Path):
             if cell.cell_type not in ("code", "markdown", "raw") or not isinstance(cell.source, str):
                 raise ValueError(f"a cell of type {cell.get('cell_type')!r} without source text")
     except Exception as err:
-        return None, f"not a valid notebook ({type(err).__name__}: {str(err)[:120]})"
+        return None, f"not a valid notebook ({type(err).__name__}: {shorten(err, 160)})"
     return nb, None
+
+
+def shorten(text, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters: cut at a word boundary (in a long path or name, after a
+    separator), with "…" to say so."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    head = text[:width - 1]
+    if text[width - 1] != " ":  # the cut falls inside a word: go back to its start
+        space = head.rfind(" ")
+        separator = max(head.rfind(c) for c in "/\\._-,:;")
+        if space >= width // 2 or (space > 0 and separator < width // 2):
+            head = head[:space]
+        elif separator >= width // 2:  # one long word (a path): after its last separator
+            head = head[:separator + 1]
+    return head.rstrip(" ,;:") + "…"
 
 
 def _normal(source: str) -> str:
     return " ".join(source.split())
 
 
+_HANDOUTS: dict[str, tuple] = {}
 _FINGERPRINTS: dict[str, list[tuple[str | None, set[str]]]] = {}
 
 
-def _fingerprints() -> dict[str, list[tuple[str | None, set[str]]]]:
-    """Per lesson, per cell other than the set-up cell: (cell id, normalised sources: student and solution)."""
-    if not _FINGERPRINTS:
+def _handouts() -> dict[str, tuple]:
+    """Per lesson: (its solution notebook, the student notebook handed out, which ``student_version`` makes of it)."""
+    if not _HANDOUTS:
         import nbformat
 
-        from helpers.tools.colab import SETUP_CELL
         from helpers.tools.notebooks import student_version
 
         for lesson, path in lessons().items():
             try:
                 solution = nbformat.read(path, as_version=4)
-                student = student_version(solution, path.name)
+                _HANDOUTS[lesson] = solution, student_version(solution, path.name)
             except Exception:  # a lesson being written can be broken for a while; it is just not recognised
                 continue
+    return _HANDOUTS
+
+
+def _fingerprints() -> dict[str, list[tuple[str | None, set[str]]]]:
+    """Per lesson, per cell other than the set-up cell: (cell id, normalised sources: student and solution)."""
+    if not _FINGERPRINTS:
+        from helpers.tools.colab import SETUP_CELL
+
+        for lesson, (solution, student) in _handouts().items():
             by_id = {c.get("id"): c for c in solution.cells}
             cells = []
             for cell in student.cells:
@@ -232,6 +293,32 @@ def _fingerprints() -> dict[str, list[tuple[str | None, set[str]]]]:
                 cells.append((cell.get("id"), {s for s in sources if len(s) >= 20}))
             _FINGERPRINTS[lesson] = cells
     return _FINGERPRINTS
+
+
+def _lines(source: str) -> str:
+    """A cell's source without blank lines or trailing spaces (what an editor changes unnoticed); indentation kept."""
+    return "\n".join(line.rstrip() for line in source.strip().splitlines() if line.strip())
+
+
+def _is_stub(cell) -> bool:
+    """An answer cell as handed out: ``student_version`` put a stub where the solution's region was."""
+    from helpers.tools.notebooks import CODE_STUB, MARKDOWN_STUB
+
+    stub = "\n".join(CODE_STUB if cell.cell_type == "code" else MARKDOWN_STUB)
+    return cell.cell_type in ("code", "markdown") and stub in _lines(cell.source)
+
+
+def unchanged_handout(nb, lesson: str) -> bool:
+    """True if ``nb`` is lesson ``lesson``'s student notebook as handed out: every answer cell still holds its stub
+    and no code cell was added or edited. Outputs, metadata, cell ids, the lesson's own markdown and deleted cells
+    other than answer cells do not count. Such a notebook answers nothing, whatever it ran."""
+    if lesson not in _handouts():
+        return False
+    student = _handouts()[lesson][1]
+    stubs = {(c.cell_type, _lines(c.source)) for c in student.cells if _is_stub(c)}
+    handout_code = {_lines(c.source) for c in student.cells if c.cell_type == "code"}
+    cells = {(c.cell_type, _lines(c.source)) for c in nb.cells if c.source.strip()}
+    return bool(stubs) and stubs <= cells and {s for kind, s in cells if kind == "code"} <= handout_code
 
 
 def lesson_scores(nb) -> dict[str, float]:
@@ -458,7 +545,7 @@ def _grade_answer(_token, _expr, _measured, _code, _pickle):
         record.update(status="refused", message=str(err))
     except BaseException as err:
         record.update(status="error", message="it could not be read (" + type(err).__name__ + ": "
-                                             + str(err)[:200] + ")")
+                                             + str(err)[:2000] + ")")  # the grader shortens it
     sys.stdout.write("\\n" + _token + json.dumps(record) + "\\n")
     sys.stdout.flush()
 """
@@ -544,7 +631,7 @@ def probe_main(name: str) -> int:
         record = {"status": "refused", "message": str(err)}
     except BaseException as err:  # the learner's code: say what happened, as data
         record = {"status": "error", "message": f"your function could not be run ({type(err).__name__}: "
-                                                f"{str(err)[:200]})"}
+                                                f"{str(err)[:2000]})"}  # the grader shortens it
     sys.stdout.write("\n" + token + json.dumps(record) + "\n")
     sys.stdout.flush()
     return 0
@@ -561,19 +648,26 @@ class Limits:
     sandbox: bool = False
 
 
+BLANK = "blank (unchanged from the handout)"
+
+
 @dataclass
 class Row:
     submission: str
-    lesson: str = ""
+    lesson: str = ""  # its number ("05"); "" when no lesson could be told
     points: dict[str, float] = field(default_factory=dict)
-    max_points: float = 0.0
+    maxima: dict[str, float] | None = None  # exercise -> its points; None: no lesson, so no maximum at all
     status: str = "not graded"
     peak_mib: float | None = None
     reasons: list[str] = field(default_factory=list)
 
     @property
-    def total(self) -> float:
-        return sum(self.points.values())
+    def max_points(self) -> float | None:
+        return None if self.maxima is None else sum(self.maxima.values())
+
+    @property
+    def total(self) -> float | None:
+        return None if self.maxima is None else sum(self.points.values())
 
 
 def _cell_problem(index: int, outcome: CellRun, cell_timeout: float, memory_limit: int | None) -> str | None:
@@ -590,7 +684,7 @@ def _cell_problem(index: int, outcome: CellRun, cell_timeout: float, memory_limi
         text = f"{outcome.ename}: {outcome.evalue}"
         if any(word in text for word in OUT_OF_MEMORY):
             limit = f" (limit {_human(memory_limit)})" if memory_limit else ""
-            return f"{where} ran out of memory{limit}: {text[:160]}"
+            return f"{where} ran out of memory{limit}: {shorten(text, 160)}"
     return None
 
 
@@ -605,20 +699,23 @@ def _peak_rss_mib(pids: set[int]) -> float | None:
     return round(max(peaks), 1) if peaks else None
 
 
-def execute(nb, key: list[CheckCall], row: Row, limits: Limits) -> dict[str, dict] | None:
+def execute(nb, key: list[CheckCall], row: Row, limits: Limits, what: str = "") -> dict[str, dict] | None:
     """Run ``nb``'s code cells in a fresh kernel in a private workspace, then read each answer as data.
 
-    Every process the run started is gone when this returns. None if the kernel did not survive."""
+    Every process the run started is gone when this returns. None if the kernel did not survive. ``what``: how the
+    progress line names this run, when it is not the submission's own."""
     workspace, keep = Workspace(limits.sandbox), descendants()
     kernel = NotebookRun(nb, cwd=workspace.work, env=workspace.env(), strict_checks=False,
                          launcher=workspace.command, ipc_dir=workspace.run, memory_limit=limits.memory,
                          quiet_kernel=True, cell_timeout=limits.cell_timeout, total_timeout=limits.submission_timeout,
-                         interrupt_grace=INTERRUPT_GRACE, max_output_bytes=OUTPUT_LIMIT)
+                         interrupt_grace=INTERRUPT_GRACE, max_output_bytes=OUTPUT_LIMIT,
+                         before_cell=lambda index, n, total: PROGRESS.cell(nb, index, n, total, what))
     try:
         try:
+            PROGRESS.doing(what + "starting its kernel")
             kernel.start()
         except Exception as err:
-            row.reasons.append(f"the kernel did not start ({type(err).__name__}: {str(err)[:160]})")
+            row.reasons.append(f"the kernel did not start ({type(err).__name__}: {shorten(err, 160)})")
             return None
         result = kernel.run_cells(stop_on_error=False)
         errors = []
@@ -636,6 +733,7 @@ def execute(nb, key: list[CheckCall], row: Row, limits: Limits) -> dict[str, dic
         if result.stopped == "kernel":
             row.reasons.append("exercises not graded: the kernel is gone")
             return None
+        PROGRESS.doing(what + "reading the answers out of the kernel")
         records = kernel_answers(kernel, key, workspace, max(limits.cell_timeout, CHECK_TIMEOUT))
         row.peak_mib = _peak_rss_mib(descendants() - keep)
         return records
@@ -658,11 +756,12 @@ def reference_measurements(lesson: str, key: list[CheckCall], limits: Limits) ->
         solution = nbformat.read(lessons()[lesson], as_version=4)
         wanted = [CheckCall(c.name, "None", c.measured, c.points) for c in key if c.measured]
         records = execute(solution, wanted, row, Limits(limits.cell_timeout, 4 * limits.submission_timeout,
-                                                        None, limits.sandbox)) or {}
+                                                        None, limits.sandbox),
+                          what=f"lesson {lesson}'s solution, run once for the checks that use its measurements: ") or {}
         _REFERENCE[lesson] = {name: r.get("measured") for name, r in records.items() if r.get("status") == "data"}
         if not _REFERENCE[lesson] and wanted:
-            print(f"the reference run of lesson {lesson}'s solution failed: {'; '.join(row.reasons)[:300]}",
-                  file=sys.stderr)
+            PROGRESS.note(f"the reference run of lesson {lesson}'s solution failed: "
+                          + shorten("; ".join(row.reasons), 300))
     return _REFERENCE[lesson]
 
 
@@ -672,11 +771,12 @@ def judge(call: CheckCall, record: dict | None, reference: dict[str, dict], limi
 
     record = record or {"status": "error", "message": "no answer was read (the check did not run)"}
     if record.get("status") == "function":
+        PROGRESS.doing(f"checking {call.name}: running the submitted function in a separate process")
         record = run_probe(call.name, record.get("pickle", b""), limits.sandbox, limits.cell_timeout, limits.memory)
     status = record.get("status")
     if status != "data":
         what = {"missing": "missing", "refused": "not yet", "error": "not yet"}.get(status, "not yet")
-        return 0.0, f"{call.name}: {what}: {str(record.get('message', ''))[:300]}"
+        return 0.0, f"{call.name}: {what}: {shorten(record.get('message', ''), MESSAGE_LIMIT)}"
     if call.measured and call.name not in reference:
         return 0.0, f"{call.name}: not graded: the grader's own run of the solution notebook failed"
     try:
@@ -685,7 +785,8 @@ def judge(call: CheckCall, record: dict | None, reference: dict[str, dict], limi
         return 0.0, f"{call.name}: not yet: {err}"
     result = verdict(call.name, data, measured=reference.get(call.name) or {})
     points = min(max(result.points, 0.0), call.points) if result.status == PASS else 0.0
-    return points, "" if points >= call.points else f"{call.name}: {result.status}: {result.message[:300]}"
+    return points, "" if points >= call.points else f"{call.name}: {result.status}: " + shorten(result.message,
+                                                                                                 MESSAGE_LIMIT)
 
 
 def grade_notebook(nb, lesson: str, row: Row, limits: Limits) -> None:
@@ -707,12 +808,12 @@ def grade_notebook(nb, lesson: str, row: Row, limits: Limits) -> None:
 
 
 def _zero(row: Row, lesson: str | None) -> None:
-    """A row not graded, for a lesson known from its name: its exercises at 0 of their points."""
+    """A row for a known lesson, with its exercises at 0 of their points. With no lesson the row keeps no maximum."""
     with contextlib.suppress(Exception):
         if lesson:
             key = answer_key(lesson)
-            row.lesson, row.max_points = lessons()[lesson].stem, sum(c.points for c in key)
-            row.points = {c.name: 0.0 for c in key}
+            row.lesson, row.maxima = lesson, {c.name: c.points for c in key}
+            row.points = dict.fromkeys(row.maxima, 0.0)
 
 
 def grade(path: Path, forced: str | None, limits: Limits) -> Row:
@@ -729,10 +830,15 @@ def grade(path: Path, forced: str | None, limits: Limits) -> Row:
             row.reasons.append(reason)
             _zero(row, forced or lesson_from_name(path))
             return row
+        if unchanged_handout(nb, lesson):  # nothing to run: it answers nothing
+            _zero(row, lesson)
+            row.status = "graded"
+            row.reasons.append(f"{BLANK}: not run")
+            return row
         grade_notebook(nb, lesson, row, limits)
     except Exception as err:  # a bug in the grader must cost one row, not the whole room's grades
         row.status = "not graded"
-        row.reasons.append(f"grader error ({type(err).__name__}: {str(err)[:200]})")
+        row.reasons.append(f"grader error ({type(err).__name__}: {shorten(err, 300)})")
     return row
 
 
@@ -752,36 +858,190 @@ def course_digest(root: Path = ROOT) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------
-def _fmt(x: float) -> str:
-    return f"{x:g}"
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:g}"
+
+
+@functools.cache
+def lesson_label(lesson: str) -> str:
+    """"05 QLoRA": the lesson's number and its notebook's title up to any subtitle, as on the course map; "" for no
+    lesson. The CSV and the summary table both name lessons this way."""
+    if not lesson:
+        return ""
+    path = lessons().get(lesson)
+    title = path.stem[3:].replace("_", " ").capitalize() if path else ""
+    with contextlib.suppress(Exception):
+        nb = _handouts()[lesson][0]
+        heading = next(line for cell in nb.cells if cell.cell_type == "markdown"
+                       for line in cell.source.splitlines() if line.startswith("# "))
+        title = re.sub(rf"^#\s*{lesson}\s*[·.:-]?\s*", "", heading).split(":")[0].strip() or title
+    return f"{lesson} {title}".strip()
+
+
+def exercise_label(name: str, points: float) -> str:
+    """"weights_7b (max 1)": an exercise and its points, in the CSV's header and the summary table."""
+    return f"{name} (max {_fmt(points)})"
+
+
+def _exercises(rows: list[Row]) -> dict[str, float]:
+    """Every exercise of the lessons graded, in lesson order, with its maximum."""
+    exercises: dict[str, float] = {}
+    for lesson in sorted({r.lesson for r in rows if r.lesson}):
+        for r in rows:
+            if r.lesson == lesson and r.maxima:
+                exercises.update((name, points) for name, points in r.maxima.items() if name not in exercises)
+    return exercises
 
 
 def write_csv(rows: list[Row], out: Path) -> list[str]:
-    """Write the rows; return the header."""
-    exercises: list[str] = []
-    for lesson in sorted({r.lesson for r in rows if r.lesson}):
-        for name in (name for r in rows if r.lesson == lesson for name in r.points):
-            if name not in exercises:
-                exercises.append(name)
-    header = ["submission", "lesson", *exercises, "total", "max", "status", "peak_memory_mib", "reason"]
+    """Write the rows, every reason in full; return the header."""
+    exercises = _exercises(rows)
+    header = ["submission", "lesson", *(exercise_label(e, p) for e, p in exercises.items()), "total", "max", "status",
+              "peak_memory_mib", "reason"]
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in rows:
-            writer.writerow([r.submission, r.lesson, *(_fmt(r.points[e]) if e in r.points else "" for e in exercises),
-                             _fmt(r.total), _fmt(r.max_points), r.status,
-                             "" if r.peak_mib is None else _fmt(r.peak_mib), " | ".join(r.reasons)])
+            writer.writerow([r.submission, lesson_label(r.lesson), *(_fmt(r.points.get(e)) for e in exercises),
+                             _fmt(r.total), _fmt(r.max_points), r.status, _fmt(r.peak_mib), " | ".join(r.reasons)])
     return header
 
 
-def summary(rows: list[Row]) -> str:
-    lines = [f"{'submission':40} {'lesson':6} {'points':>9}  {'status':10}  first reason"]
+def _points(r: Row) -> str:
+    return "—" if r.max_points is None else f"{_fmt(r.total)}/{_fmt(r.max_points)}"
+
+
+def _first_reason(r: Row, width: int) -> str:
+    """The row's first reason, cut at a word boundary to ``width``; how many more the CSV holds."""
+    if not r.reasons:
+        return ""
+    more = f" (+{len(r.reasons) - 1} more in the CSV)" if len(r.reasons) > 1 else ""
+    return shorten(r.reasons[0], max(width - len(more), 20)) + more
+
+
+def summary(rows: list[Row], reason_width: int = REASON_WIDTH) -> str:
+    """The table printed at the end: one line per submission, then each lesson's exercises with their maxima."""
+    name_width = min(max([len("submission"), *(len(r.submission) for r in rows)]), 40)
+    lesson_width = max([len("lesson"), *(len(lesson_label(r.lesson)) for r in rows)])
+    lines = [f"{'submission':{name_width}}  {'lesson':{lesson_width}}  {'points':>7}  {'status':10}  reason"]
     for r in rows:
-        name = r.submission if len(r.submission) <= 40 else "..." + r.submission[-37:]
-        reason = r.reasons[0] if r.reasons else ""
-        lines.append(f"{name:40} {r.lesson[:2]:6} {_fmt(r.total) + '/' + _fmt(r.max_points):>9}  {r.status:10}  "
-                     f"{reason[:70] + ('...' if len(reason) > 70 else '')}")
+        name = r.submission if len(r.submission) <= name_width else "…" + r.submission[-(name_width - 1):]
+        lines.append(f"{name:{name_width}}  {lesson_label(r.lesson) or '—':{lesson_width}}  {_points(r):>7}  "
+                     f"{r.status:10}  {_first_reason(r, reason_width)}")
+    for lesson in sorted({r.lesson for r in rows if r.lesson}):
+        maxima = next(r.maxima for r in rows if r.lesson == lesson and r.maxima is not None)
+        names = ", ".join(exercise_label(name, points) for name, points in maxima.items())
+        lines.append(f"exercises of {lesson_label(lesson)}: {names}")
     return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+class Progress:
+    """What the grader is doing, on stderr (never in the CSV or on stdout): which submission (k of n), which cell and
+    the section heading above it, and the time so far. On a terminal: one line, redrawn in place every second. In a
+    file or a pipe: plain lines (no carriage returns), when a submission starts and ends and at most one every
+    ``log_every`` seconds between. ``quiet``: nothing."""
+
+    def __init__(self, stream=None, *, quiet: bool = False, terminal: bool | None = None,
+                 log_every: float = LOG_EVERY):
+        self.stream = stream or sys.stderr
+        self.quiet, self.log_every = quiet, log_every
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self._lock = threading.Lock()
+        self._who, self._what = "", ""  # "2 of 30, alice.ipynb"; "cell 14 in “Baseline”"
+        self._began = self._logged = 0.0
+        self._drawn = False  # a status line is on the terminal (so clear it before printing)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, k: int, n: int, path: Path) -> None:
+        """Submission ``k`` of ``n`` starts."""
+        with self._lock:
+            self._who, self._what, self._began = f"{k} of {n}, {path.name}", "started", time.monotonic()
+            self._show(log=True)
+        if not self.quiet and self._thread is None:
+            self._thread = threading.Thread(target=self._tick, daemon=True, name="grade-progress")
+            self._thread.start()
+
+    def doing(self, what: str) -> None:
+        """What the current submission is at now (a cell, reading the answers, a check)."""
+        with self._lock:
+            self._what = what
+            self._show()
+
+    def cell(self, nb, index: int, n: int, total: int, prefix: str = "") -> None:
+        """A runner's ``before_cell``: code cell ``index`` of ``nb`` (the ``n``-th of ``total``) starts."""
+        heading = section_heading(nb, index)
+        self.doing(f"{prefix}cell {index}" + (f" in “{shorten(heading, 40)}”" if heading else "")
+                   + f" ({n} of {total} code cells)")
+
+    def end(self, result: str) -> None:
+        """The current submission is done: one permanent line with its result and time."""
+        with self._lock:
+            line = f"{self._who}: {result} in {_clock(time.monotonic() - self._began)}"
+            self._who = self._what = ""
+            self._print(line)
+
+    def note(self, text: str) -> None:
+        """A message that stays (a warning), printed even when quiet; the status line is redrawn below it."""
+        with self._lock:
+            self._clear()
+            print(text, file=self.stream, flush=True)
+            self._show()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._clear()
+
+    # --- drawing (with the lock held) ------------------------------------------------------------
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                self._show()
+
+    def _status(self) -> str:
+        return f"{self._who}: {self._what}, {_clock(time.monotonic() - self._began)}"
+
+    def _show(self, log: bool = False) -> None:
+        """Redraw the terminal's status line; in a log, write a line if ``log`` or if the last one is old."""
+        if self.quiet or not self._who:
+            return
+        if self.terminal:
+            self.stream.write("\r\x1b[K" + shorten(self._status(), self._columns() - 1))  # one row: redrawable
+            self.stream.flush()
+            self._drawn = True
+        elif log or time.monotonic() - self._logged >= self.log_every:
+            self._print(self._status())
+
+    def _columns(self) -> int:
+        """The width of the terminal this writes to (stdout may be a file meanwhile); 0 (a pseudo-terminal that
+        never said) falls back to $COLUMNS or 80."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+        return columns if columns >= 20 else shutil.get_terminal_size().columns
+
+    def _print(self, line: str) -> None:
+        if not self.quiet:
+            self._clear()
+            print(line, file=self.stream, flush=True)
+            self._logged = time.monotonic()
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+
+PROGRESS = Progress(quiet=True)  # main() replaces it; the grading functions report to it
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -793,6 +1053,31 @@ def expand(paths: list[str]) -> list[Path]:
         else:
             found.append(p)
     return found
+
+
+def grade_all(submissions: list[Path], forced: str | None, limits: Limits) -> list[Row]:
+    """A row per submission, one after another; after a submission that changed the course, none is run."""
+    before = course_digest()
+    rows = []
+    for k, path in enumerate(submissions, 1):
+        if rows and rows[-1].status == "stopped":
+            row = Row(str(path), reasons=["not graded: an earlier submission changed the course; restore it "
+                                          "(git status, git checkout) and grade again"])
+            _zero(row, forced or lesson_from_name(path))
+            rows.append(row)
+            continue
+        PROGRESS.begin(k, len(submissions), path)
+        row = grade(path, forced, limits)
+        after = course_digest()
+        changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+        if changed:
+            row.points = dict.fromkeys(row.points, 0.0)
+            row.status = "stopped"
+            row.reasons.insert(0, f"this submission changed the course ({', '.join(changed[:3])}): no points, and "
+                                  "grading stopped")
+        rows.append(row)
+        PROGRESS.end(f"{_points(row)} ({row.status})")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -815,6 +1100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
                         help="run submissions inside bubblewrap: auto (when it is installed and works; the "
                              "default), bwrap (required: stop if it is missing) or none")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress on stderr (which submission, which cell, the time so far)")
     args = parser.parse_args(argv)
     try:
         memory_limit = parse_bytes(args.memory_limit)
@@ -840,31 +1127,16 @@ def main(argv=None) -> int:
         parser.error(f"--out {out} is one of the submissions: the grader never writes to a submission")
     limits = Limits(args.cell_timeout, args.submission_timeout, memory_limit, sandbox)
     become_subreaper()
+    quiet_library_noise()
     print("submissions run in a bubblewrap sandbox (read-only files, no network, own processes)" if sandbox else
           "no sandbox: submissions run as you, in a private copy of the course (see the README, 'Grading')",
           file=sys.stderr)
-    before = course_digest()
-    rows = []
-    for path in submissions:
-        if rows and rows[-1].status == "stopped":
-            row = Row(str(path), reasons=["not graded: an earlier submission changed the course; restore it "
-                                          "(git status, git checkout) and grade again"])
-            _zero(row, forced or lesson_from_name(path))
-            rows.append(row)
-            continue
-        print(f"grading {path} ...", file=sys.stderr, flush=True)
-        start = time.monotonic()
-        rows.append(grade(path, forced, limits))
-        after = course_digest()
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        if changed:
-            row = rows[-1]
-            row.points = dict.fromkeys(row.points, 0.0)
-            row.status = "stopped"
-            row.reasons.insert(0, f"this submission changed the course ({', '.join(changed[:3])}): no points, and "
-                                  "grading stopped")
-        print(f"  {_fmt(rows[-1].total)}/{_fmt(rows[-1].max_points)} in {time.monotonic() - start:.0f} s",
-              file=sys.stderr, flush=True)
+    global PROGRESS
+    PROGRESS = Progress(quiet=args.quiet)
+    try:
+        rows = grade_all(submissions, forced, limits)
+    finally:
+        PROGRESS.close()
     # Every submission's processes are gone (killed with its workspace) before the CSV is written.
     try:
         write_csv(rows, out)

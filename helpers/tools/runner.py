@@ -22,7 +22,11 @@ module adds is what those callers need on top:
   (``RLIMIT_DATA``, set in the kernel before Python starts), and for the grader's sandbox a ``launcher`` that
   wraps the kernel's command line (bubblewrap) with its connection over IPC sockets in ``ipc_dir``.
 - ``max_output_bytes``: a cap on what one cell's outputs may hold in memory (the grader runs untrusted code).
-- ``progress(cell_run, done, total)``: called after every code cell.
+- ``before_cell(index, n, total)``: called as code cell ``index`` (the ``n``-th of ``total``) starts;
+  ``progress(cell_run, done, total)``: called after every code cell.
+- the kernel's connection: IPC sockets in a private folder (mode 700) on Linux and macOS, not TCP on localhost, so
+  no other local user can connect to it and ipykernel does not warn "Kernel is running over TCP without
+  encryption" on every start (its one warning about the transport; the kernel's other output is untouched).
 
 ``NotebookRun`` is the same as a session: start the kernel, ``run_cells()``, then ``run_code(...)`` in the same
 kernel (the grader reads each answer that way), then ``close()``.
@@ -178,6 +182,14 @@ def limits_preexec(memory_limit: int | None) -> Callable[[], None]:
     return apply
 
 
+def _ipc_dir(folder: Path) -> Path | None:
+    """``folder`` for the kernel's IPC sockets, or None (TCP) where there are none (Windows) or where a socket's
+    path would be longer than a Unix socket address allows (about 100 bytes; a long ``TMPDIR``)."""
+    if os.name != "posix" or len(str(folder / "kernel-65535")) > 100:
+        return None
+    return folder
+
+
 def _message_bytes(msg: dict) -> int:
     content = msg.get("content", {})
     if "text" in content:
@@ -244,6 +256,7 @@ class NotebookRun:
                  launcher: Callable[[list[str]], list[str]] | None = None, ipc_dir=None, quiet_kernel: bool = False,
                  startup_timeout: float = 120, interrupt_grace: float = INTERRUPT_GRACE,
                  max_output_bytes: int | None = None,
+                 before_cell: Callable[[int, int, int], None] | None = None,
                  progress: Callable[[CellRun, int, int], None] | None = None):
         self.nb = nb
         self.cwd = str(cwd or Path.cwd())
@@ -252,7 +265,7 @@ class NotebookRun:
         self.memory_limit, self.launcher, self.quiet_kernel = memory_limit, launcher, quiet_kernel
         self.ipc_dir = Path(ipc_dir) if ipc_dir else None
         self.startup_timeout, self.interrupt_grace = startup_timeout, interrupt_grace
-        self.progress = progress
+        self.before_cell, self.progress = before_cell, progress
         self.client: _Client | None = None
         self._spec_dir: str | None = None
         self._limit: float | None = None
@@ -265,9 +278,13 @@ class NotebookRun:
         from jupyter_client.kernelspec import KernelSpecManager
         from jupyter_client.manager import AsyncKernelManager
 
+        self._spec_dir = tempfile.mkdtemp(prefix="course-kernel-")  # mode 700: the spec and, by default, the sockets
+        ipc_dir = self.ipc_dir or _ipc_dir(Path(self._spec_dir))
+        options = {}
+        if ipc_dir is not None:
+            options = dict(transport="ipc", ip=str(ipc_dir / "kernel"), connection_file=str(ipc_dir / "kernel.json"))
         if self.launcher is None and self.ipc_dir is None:
-            return AsyncKernelManager(kernel_name="python3")
-        self._spec_dir = tempfile.mkdtemp(prefix="course-kernel-")
+            return AsyncKernelManager(kernel_name="python3", **options)
         spec = Path(self._spec_dir) / "course-run"
         spec.mkdir()
         argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
@@ -277,10 +294,6 @@ class NotebookRun:
         (spec / "kernel.json").write_text(json.dumps({
             "argv": self.launcher(argv) if self.launcher else argv, "display_name": "course run", "language": "python",
             "interrupt_mode": "message" if self.launcher else "signal"}))
-        options = {}
-        if self.ipc_dir is not None:
-            options = dict(transport="ipc", ip=str(self.ipc_dir / "kernel"),
-                           connection_file=str(self.ipc_dir / "kernel.json"))
         return AsyncKernelManager(kernel_name="course-run", kernel_spec_manager=KernelSpecManager(
             kernel_dirs=[self._spec_dir]), **options)
 
@@ -377,6 +390,8 @@ class NotebookRun:
         deadline = self.started + self.total_timeout if self.total_timeout else None
         for n, (index, cell) in enumerate(code):
             limit = self.cell_timeout or None
+            if self.before_cell is not None:
+                self.before_cell(index, n + 1, len(code))
             if deadline is not None:
                 left = deadline - time.perf_counter()
                 if left <= 0:
