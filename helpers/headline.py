@@ -192,7 +192,8 @@ def text(data: dict) -> str:
         parts = r["parts"] or {}
         detail = ", ".join(f"{LABELS[c]} {as_mib(parts[c])}" for c in CATEGORIES if parts.get(c))
         at = f" at {moment_words(r['moment'])}" if r.get("moment") else ""
-        lines.append(f"  measured  {r['label']}: peak {as_mib(r['total'])} MiB{at}" + (f" ({detail})" * bool(detail)))
+        detail = f" ({detail})" if detail else ""
+        lines.append(f"  measured  {r['label']}: peak {as_mib(r['total'])} MiB{at}{detail}")
     for r in data["predicted"]:
         lines.append(f"  predicted {r['label']}: {as_mib(r['predicted'])} MiB against {as_mib(r['measured'])} MiB "
                      f"measured ({error_percent(r):+.1f} %)")

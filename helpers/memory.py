@@ -211,9 +211,8 @@ class _Tracker(TorchDispatchMode):
     def moment_of_peak(self) -> str | None:
         """The moment of the peak (after ``peak_breakdown``) in ``helpers.estimate``'s words: "forward", "backward
         start" (no gradient made yet in this backward), "backward" (some made), "backward end" (all made) or
-        "optimizer step", with ", accumulating" in a
-        later micro-batch of an accumulated step; None for a block that is not a training step (no backward, no
-        optimizer step), such as loading a model or generating."""
+        "optimizer step", with ", accumulating" in a later micro-batch of an accumulated step; None for a block
+        that is not a training step (no backward, no optimizer step), such as loading a model or generating."""
         if not any(phase != "forward" for _, phase in self.phase_marks):
             return None
         before = [(clock, name) for clock, name in self.phase_marks if clock < self.peak_clock]

@@ -74,7 +74,7 @@ def moment_words(moment: str | None) -> str:
     """A peak's moment as a reader says it: "backward start" -> "start of backward", "block 3" -> "backward, block
     3", "forward end, accumulating" -> "end of forward (accumulating)"; "" when unknown. The moments are those
     ``helpers.estimate.predict`` names and ``helpers.memory.measure`` finds in a training step (forward,
-    backward start, backward, optimizer step)."""
+    backward start, backward, backward end, optimizer step, each perhaps ", accumulating")."""
     if not moment:
         return ""
     name, _, rest = moment.partition(", ")

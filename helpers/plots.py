@@ -11,11 +11,11 @@ COLOURS = {"weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868",
 
 
 def stacked_bars(reports: dict, title: str = "", ax=None, unit: int = MiB, unit_name: str = "MiB",
-                 legend: str = "below"):
+                 legend: bool = True):
     """One bar per report (``{"label": MemoryReport}``), stacked by category, its total on top and, under the total,
     the moment of its peak when the report knows it ("peak: start of backward"): the categories are those alive at that
     moment, so a training step's bar can show no gradients at all. The category legend sits under the plot
-    (``legend="right"``: beside it; ``None``: none)."""
+    (``legend=False``: none, for a caller that draws its own with more entries)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -41,9 +41,7 @@ def stacked_bars(reports: dict, title: str = "", ax=None, unit: int = MiB, unit_
     ax.set_title(title)
     ax.set_ylim(0, max(bottoms) * (1.25 if any(moments) else 1.12) if bottoms else 1)
     ax.tick_params(axis="x", labelsize=9)
-    if legend == "right":
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
-    elif legend:
+    if legend:
         legend_below(ax)
     ax.figure.tight_layout()
     return ax
@@ -119,7 +117,7 @@ def plan_bars(plans: dict, ax=None, title: str = ""):
     dashed line in that GPU's own colour, labelled in place ("T4: 13.4 GiB usable"); a peak's value label moves
     above the line's label rather than touch it. The category legend sits below the plot, in two rows."""
     ax = stacked_bars({k: p.report for k, p in plans.items()}, title=title, ax=ax, unit=GiB, unit_name="GiB",
-                      legend=None)
+                      legend=False)
     fig, plans = ax.figure, list(plans.values())
     legend_below(ax, ncol=2)
     fig.tight_layout()
@@ -193,7 +191,7 @@ def measured_bars(parts_by_label: dict, title: str = "", ax=None, moments: dict 
     if ax is None:
         lines = max((label.count("\n") + 1 for label in bars), default=1)
         ax = _figure((min(width, 14), 3.9 + 0.15 * lines)).subplots()
-    stacked_bars(bars, title=title, ax=ax, legend=None)
+    stacked_bars(bars, title=title, ax=ax, legend=False)
     ax.set_ylabel("MiB at the peak")
     if turn:
         ax.tick_params(axis="x", labelrotation=30)

@@ -251,17 +251,23 @@ def test_a_storage_resized_in_place_counts_only_while_it_holds_bytes():
     assert torch.UntypedStorage.resize_ is not None and "resize_seen" not in repr(torch.UntypedStorage.resize_)
 
 
-@pytest.mark.parametrize("k,ckpt", [(1, False), (3, False), (1, True)])
-def test_the_timeline_is_exact_and_names_the_phases(k, ckpt):
-    """The timeline replays the same records as the peak: its highest point is the report's breakdown, byte for
-    byte; the phases come in the order a step runs them, one forward and backward per micro-batch."""
+def _measured_step(k: int, ckpt: bool, seed: int):
+    """A 3-block tiny model's AdamW step of 3 x 32 tokens in k micro-batches, warmed up, then measured with its
+    timeline: (model, optimizer, step, report)."""
     model = tiny_model(num_hidden_layers=3)
-    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_accumulation_steps=k,
                            gradient_checkpointing=ckpt)
     step()
-    report = measure(step, model=model, optimizer=opt, timeline=True)
+    return model, opt, step, measure(step, model=model, optimizer=opt, timeline=True)
+
+
+@pytest.mark.parametrize("k,ckpt", [(1, False), (3, False), (1, True)])
+def test_the_timeline_is_exact_and_names_the_phases(k, ckpt):
+    """The timeline replays the same records as the peak: its highest point is the report's breakdown, byte for
+    byte; the phases come in the order a step runs them, one forward and backward per micro-batch."""
+    model, opt, step, report = _measured_step(k, ckpt, seed=2)
     tl = report.timeline
     assert tl.at(tl.peak_event) == report.as_dict() and tl.total(tl.peak_event) == report.peak
     assert all(tl.total(i) <= report.peak for i in range(tl.events))
@@ -311,13 +317,7 @@ def test_the_timeline_plot_marks_the_peak(tmp_path):
 def test_the_moment_of_the_peak_is_the_phase_the_timeline_peaks_in(k, ckpt):
     """A measured step knows its peak's moment without a timeline; it agrees with the timeline's phase at the peak,
     and "backward start" means no gradient was made in that backward yet."""
-    model = tiny_model(num_hidden_layers=3)
-    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = make_train_step(model, opt, {"input_ids": ids, "labels": ids}, gradient_accumulation_steps=k,
-                           gradient_checkpointing=ckpt)
-    step()
-    report = measure(step, model=model, optimizer=opt, timeline=True)
+    model, opt, step, report = _measured_step(k, ckpt, seed=4)
     tl = report.timeline
     phase = tl.phase_of(tl.peak_event).split(" ")[0]  # "backward 2" -> "backward"
     moment, _, accumulating = report.moment.partition(", ")
